@@ -1,0 +1,29 @@
+// The one GEMM core shared by Linear and Conv2d (forward and backward).
+//
+//   C = (accumulate ? C : 0) + A . B  (+ bias_m[i] per row) (+ bias_n[j] per column)
+//
+// A is M x K, B is K x N, C is M x N, each given as a pointer plus a row
+// stride and a column stride (element (i, j) at p[i * rs + j * cs]), so any
+// transpose is free: pass the strides swapped. Index math is int64.
+// Threads: at::parallel_for inside; when called from inside a parallel region
+// it runs on the calling thread.
+#pragma once
+#include <cstdint>
+
+namespace fastlayers::cpu {
+
+template <typename T>
+struct GemmArgs {
+  int64_t M = 0, N = 0, K = 0;
+  const T* A = nullptr; int64_t rsA = 0, csA = 0;
+  const T* B = nullptr; int64_t rsB = 0, csB = 0;
+  T* C = nullptr;       int64_t rsC = 0, csC = 0;
+  bool accumulate = false;
+  const T* bias_m = nullptr;  // length M, added to every row i
+  const T* bias_n = nullptr;  // length N, added to every column j
+};
+
+void gemm(const GemmArgs<float>& a);
+void gemm(const GemmArgs<double>& a);
+
+}  // namespace fastlayers::cpu
