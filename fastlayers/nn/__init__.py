@@ -1,0 +1,15 @@
+"""Drop-in for torch.nn: `import fastlayers.nn as nn`.
+
+Everything is torch.nn's, except Linear, Conv2d, MaxPool2d and BatchNorm2d,
+which are fastlayers' (subclasses of torch's, running our kernels).
+"""
+import torch.nn as _tnn
+from torch.nn import *  # noqa: F401,F403
+from torch.nn import init, utils, parallel, parameter, modules  # noqa: F401
+
+from ..modules import BatchNorm2d, Conv2d, Linear, MaxPool2d  # noqa: F401
+from . import functional  # noqa: F401
+
+
+def __getattr__(name):  # anything else torch.nn has (private helpers, new names)
+    return getattr(_tnn, name)
