@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+import fastlayers
+
+ISAS = fastlayers._C.supported_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test once per CPU kernel path this machine supports."""
+    fastlayers.set_isa(request.param)
+    yield request.param
+    fastlayers.set_isa("auto")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    info = fastlayers.build_info()
+    return [f"fastlayers: {info}",
+            "AVX-512 kernels are compiled but skipped on CPUs without AVX-512"
+            if "avx512" not in ISAS else "AVX-512 kernels tested"]

@@ -1,0 +1,229 @@
+"""The drop-in promise: modules are torch.nn's in everything but the kernels."""
+import inspect
+import re
+
+import pytest
+import torch
+
+import fastlayers
+import fastlayers.nn as fnn
+from helpers import assert_close
+
+LAYERS = [
+    (fastlayers.Linear, torch.nn.Linear, (6, 4), (3, 6)),
+    (fastlayers.Conv2d, torch.nn.Conv2d, (3, 5, 3), (2, 3, 8, 8)),
+    (fastlayers.MaxPool2d, torch.nn.MaxPool2d, (2,), (2, 3, 8, 8)),
+    (fastlayers.BatchNorm2d, torch.nn.BatchNorm2d, (3,), (2, 3, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
+def test_subclass_signature_repr(ours_cls, ref_cls, args, shape):
+    ours, ref = ours_cls(*args), ref_cls(*args)
+    assert isinstance(ours, ref_cls)
+    assert inspect.signature(ours_cls.__init__) == inspect.signature(ref_cls.__init__)
+    assert repr(ours) == repr(ref)
+    assert list(ours.state_dict().keys()) == list(ref.state_dict().keys())
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
+def test_state_dict_round_trip(ours_cls, ref_cls, args, shape):
+    ref = ref_cls(*args)
+    ours = ours_cls(*args)
+    ours.load_state_dict(ref.state_dict())            # torch -> fastlayers
+    for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
+    back = ref_cls(*args)
+    back.load_state_dict(ours.state_dict())            # fastlayers -> torch
+    x = torch.randn(shape)
+    ours.eval(); back.eval()
+    assert_close(ours(x), back(x))
+
+
+def test_batchnorm_old_state_dict_without_num_batches_tracked():
+    ref = torch.nn.BatchNorm2d(3)
+    sd = ref.state_dict()
+    del sd["num_batches_tracked"]
+    ours = fastlayers.BatchNorm2d(3)
+    ours._version = ref._version
+    # torch's versioning fills the missing counter for old (version < 2) checkpoints
+    ours._load_from_state_dict(sd, "", {"version": 1}, True, [], [], [])
+    assert ours.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
+def test_hooks_fire(ours_cls, ref_cls, args, shape):
+    m = ours_cls(*args)
+    calls = []
+    m.register_forward_pre_hook(lambda mod, inp: calls.append("pre"))
+    m.register_forward_hook(lambda mod, inp, out: calls.append("fwd"))
+    m.register_full_backward_hook(lambda mod, gi, go: calls.append("bwd"))
+    x = torch.randn(shape, requires_grad=True)
+    m(x).sum().backward()
+    assert calls == ["pre", "fwd", "bwd"]
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
+def test_no_grad_saves_nothing(ours_cls, ref_cls, args, shape):
+    m = ours_cls(*args)
+    with torch.no_grad():
+        y = m(torch.randn(shape, requires_grad=True))
+    assert y.grad_fn is None and not y.requires_grad
+
+
+def _net(ns):
+    return torch.nn.Sequential(
+        ns.Conv2d(3, 8, 3, padding=1), ns.BatchNorm2d(8), torch.nn.ReLU(), ns.MaxPool2d(2),
+        torch.nn.Flatten(), ns.Linear(8 * 4 * 4, 5))
+
+
+def test_convert_keeps_everything():
+    torch.manual_seed(1)
+    model = _net(torch.nn)
+    model(torch.randn(4, 3, 8, 8))  # move BN running stats
+    model.eval()
+    fired = []
+    model[0].register_forward_hook(lambda *a: fired.append(1))
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    conv = fastlayers.convert(model)
+    assert conv is not model
+    assert type(model[0]) is torch.nn.Conv2d  # original untouched
+    assert [type(m) for m in conv] == [fastlayers.Conv2d, fastlayers.BatchNorm2d, torch.nn.ReLU,
+                                       fastlayers.MaxPool2d, torch.nn.Flatten, fastlayers.Linear]
+    assert not conv.training
+    for (k, a), (_, b) in zip(conv.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    fired.clear()
+    assert_close(conv(x), expected)
+    assert fired == [1]
+    same = fastlayers.convert(model, inplace=True)
+    assert same is model and type(model[0]) is fastlayers.Conv2d
+
+
+def test_nn_namespace_mirrors_torch_nn():
+    for name in dir(torch.nn):
+        if not name.startswith("_"):
+            assert hasattr(fnn, name), name
+    assert fnn.Conv2d is fastlayers.Conv2d and fnn.Linear is fastlayers.Linear
+    assert fnn.MaxPool2d is fastlayers.MaxPool2d and fnn.BatchNorm2d is fastlayers.BatchNorm2d
+    assert fnn.ReLU is torch.nn.ReLU and fnn.Module is torch.nn.Module
+    assert fnn.functional.conv2d is fastlayers.functional.conv2d
+    assert fnn.functional.relu is torch.nn.functional.relu
+    for name in ("linear", "conv2d", "max_pool2d", "batch_norm"):
+        ours = inspect.signature(getattr(fastlayers.functional, name)).parameters
+        ref = inspect.signature(getattr(torch.nn.functional, name)).parameters
+        assert list(ours) == list(ref), name
+
+
+def test_thread_count_governs_our_kernels():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fastlayers._C.probe_threads(64) == 1
+        if (torch.get_num_threads() or 1) and __import__("os").cpu_count() >= 2:
+            torch.set_num_threads(2)
+            assert fastlayers._C.probe_threads(64) == 2
+    finally:
+        torch.set_num_threads(old)
+
+
+FORBIDDEN = re.compile(r"^aten::_*(mm|addmm|bmm|baddbmm|matmul|linear|addmv|mv|dot|"
+                       r".*conv.*|.*max_pool.*|.*batch_norm.*|im2col|col2im|unfold.*|mkldnn.*)$")
+
+
+def test_profiler_sees_no_aten_layer_ops():
+    model = _net(fnn)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        model(x).sum().backward()
+        model.eval()
+        model(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    ours = {n for n in names if n.startswith("fastlayers::")}
+    assert {"fastlayers::conv2d_forward", "fastlayers::conv2d_backward",
+            "fastlayers::batch_norm_train", "fastlayers::batch_norm_eval",
+            "fastlayers::max_pool2d_backward", "fastlayers::linear_backward"} <= ours, ours
+    bad = sorted(n for n in names if FORBIDDEN.match(n))
+    assert not bad, bad
+    # the regex does catch what torch.nn itself runs
+    with torch.profiler.profile() as prof:
+        _net(torch.nn)(x).sum().backward()
+    assert any(FORBIDDEN.match(e.name) for e in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32])
+def test_unsupported_dtype_is_clear(dtype):
+    x = torch.ones(2, 4, dtype=dtype)
+    w = torch.ones(3, 4, dtype=dtype)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        fastlayers.functional.linear(x, w)
+
+
+def test_dtype_mismatch_like_torch():
+    x, w = torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.linear(x, w)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fastlayers.functional.linear(x, w)
+
+
+BAD = [
+    ("conv channel mismatch", lambda F: F.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3))),
+    ("conv kernel too large", lambda F: F.conv2d(torch.randn(1, 3, 4, 4), torch.randn(4, 3, 5, 5))),
+    ("conv wrong dims", lambda F: F.conv2d(torch.randn(3, 8), torch.randn(4, 3, 3, 3))),
+    ("conv groups mismatch", lambda F: F.conv2d(torch.randn(1, 4, 8, 8), torch.randn(6, 2, 3, 3), groups=4)),
+    ("conv same strided", lambda F: F.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=2, padding="same")),
+    ("conv bad padding string", lambda F: F.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding="full")),
+    ("pool padding over half kernel", lambda F: F.max_pool2d(torch.randn(1, 3, 8, 8), 2, padding=2)),
+    ("pool wrong dims", lambda F: F.max_pool2d(torch.randn(8, 8), 2)),
+    ("pool output too small", lambda F: F.max_pool2d(torch.randn(1, 1, 2, 2), 3)),
+    ("pool zero stride", lambda F: F.max_pool2d(torch.randn(1, 1, 4, 4), 2, stride=0)),
+    ("bn one value per channel", lambda F: F.batch_norm(torch.randn(1, 3, 1, 1), None, None, training=True)),
+    ("bn channel mismatch", lambda F: F.batch_norm(torch.randn(2, 3, 4, 4), torch.zeros(4), torch.ones(4))),
+    ("linear shape mismatch", lambda F: F.linear(torch.randn(2, 5), torch.randn(3, 4))),
+    ("pool string kernel", lambda F: F.max_pool2d(torch.randn(1, 1, 4, 4), "2")),
+]
+
+
+@pytest.mark.parametrize("name,call", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_like_torch(name, call):
+    with pytest.raises(Exception) as ref:
+        call(torch.nn.functional)
+    with pytest.raises(Exception) as ours:
+        call(fastlayers.functional)
+    assert type(ours.value) is type(ref.value), (ours.value, ref.value)
+    assert str(ours.value)
+
+
+def test_reflect_padding_too_large_like_torch():
+    for ns in (torch.nn, fnn):
+        m = ns.Conv2d(1, 1, 3, padding=4, padding_mode="reflect")
+        with pytest.raises(RuntimeError, match="[Pp]adding size should be less"):
+            m(torch.randn(1, 1, 3, 3))
+
+
+def test_wrong_type_names_parameter():
+    with pytest.raises(TypeError, match="kernel_size"):
+        fastlayers.functional.max_pool2d(torch.randn(1, 1, 4, 4), "2")
+    with pytest.raises(TypeError, match="stride"):
+        fastlayers.functional.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 2, 2), stride=1.5)
+    with pytest.raises(TypeError, match="input"):
+        fastlayers.functional.linear([1.0, 2.0], torch.randn(2, 2))
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
+def test_double_backward_is_a_clear_error(ours_cls, ref_cls, args, shape):
+    m = ours_cls(*args).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=False)
+    assert g.shape == x.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+
+
+def test_build_info():
+    info = fastlayers.build_info()
+    assert info["cpu_isa"] in info["cpu_isas_supported"]
+    assert isinstance(info["cuda_kernels"], bool)
