@@ -30,7 +30,7 @@ def _want_cuda():
 def _extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
            "-Wno-unknown-pragmas", "-DFASTLAYERS_EXT"]
     ldflags = ["-fopenmp"]
     # Share torch's own libgomp (torch/lib/libgomp.so.1): one OpenMP runtime in

@@ -48,6 +48,10 @@ TORCH_LIBRARY(fastlayers, m) {
         " Tensor invstd, bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
+namespace fastlayers {
+double fma_peak_gflops(int64_t iters);  // csrc/cpu/roofline.cpp
+}
+
 namespace {
 
 // Runs a parallel_for over `n` items and reports how many distinct threads ran
@@ -87,4 +91,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "CPU kernel paths this machine can run, fastest first.");
   mod.def("probe_threads", &probe_threads);
   mod.def("with_cuda", &with_cuda);
+  mod.def("fma_peak_gflops", &fastlayers::fma_peak_gflops, pybind11::arg("iters") = 200000000,
+          "Measured fp32 FMA peak over all threads, GFLOP/s (benchmark roofline).");
 }

@@ -1,0 +1,293 @@
+"""`python -m fastlayers bench`: torch.nn vs fastlayers, side by side.
+
+Each case times torch.nn and fastlayers on the same inputs and weights,
+interleaved (alternating order every repetition) after warm-up, and reports
+medians for forward (under no_grad) and forward+backward. Achieved GFLOP/s
+(compute-bound layers) or GB/s (memory-bound layers) are compared with this
+machine's roofline, measured by the report itself: the fp32 FMA peak over all
+threads, and the DRAM copy bandwidth. Saved-tensor bytes (what autograd keeps
+for backward) are reported for both. Writes JSON and a PNG chart.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+import fastlayers
+
+F32 = 4
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str                # "linear", "conv", "pool", "bn", "gemm"
+    make: Callable           # (ns) -> module
+    shape: tuple
+    flops: float = 0.0       # forward FLOPs (compute-bound cases)
+    bytes_fwd: float = 0.0   # minimal forward DRAM traffic (memory-bound cases)
+    bytes_bwd: float = 0.0   # minimal backward DRAM traffic
+    tags: List[str] = field(default_factory=list)
+
+
+def _conv_flops(n, c, h, w, k, r, s, stride=1, pad=0, groups=1):
+    p = (h + 2 * pad - r) // stride + 1
+    q = (w + 2 * pad - s) // stride + 1
+    return 2.0 * n * k * p * q * (c // groups) * r * s
+
+
+def _pool_bytes(n, c, h, w, k, s, p):
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    inp, out = n * c * h * w * F32, n * c * oh * ow * F32
+    # fwd: read x, write y and uint8 offsets; bwd: read dy + offsets, write dx
+    return inp + out + out / 4, out + out / 4 + inp
+
+
+def _bn_bytes(shape):
+    b = F32
+    for d in shape:
+        b *= d
+    return 2 * b, 3 * b  # fwd: read x, write y; bwd: read x, dy, write dx
+
+
+def suite() -> List[Case]:
+    L, C, P, B = "linear", "conv", "pool", "bn"
+    cases = [
+        Case("Linear 64x784->256", L, lambda ns: ns.Linear(784, 256), (64, 784), 2.0 * 64 * 784 * 256),
+        Case("Linear 512x1024->1024", L, lambda ns: ns.Linear(1024, 1024), (512, 1024), 2.0 * 512 * 1024 * 1024),
+        Case("Linear 64x4096->4096", L, lambda ns: ns.Linear(4096, 4096), (64, 4096), 2.0 * 64 * 4096 * 4096),
+        Case("Conv 32x64x32x32 k3p1 ->64 nobias", C, lambda ns: ns.Conv2d(64, 64, 3, padding=1, bias=False),
+             (32, 64, 32, 32), _conv_flops(32, 64, 32, 32, 64, 3, 3, pad=1)),
+        Case("Conv 32x128x16x16 k3p1 ->128", C, lambda ns: ns.Conv2d(128, 128, 3, padding=1),
+             (32, 128, 16, 16), _conv_flops(32, 128, 16, 16, 128, 3, 3, pad=1)),
+        Case("Conv 16x3x224x224 k7s2p3 ->64 (ResNet stem)", C,
+             lambda ns: ns.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+             (16, 3, 224, 224), _conv_flops(16, 3, 224, 224, 64, 7, 7, stride=2, pad=3)),
+        Case("Conv 64x6x14x14 k5 ->16 (LeNet conv2)", C, lambda ns: ns.Conv2d(6, 16, 5),
+             (64, 6, 14, 14), _conv_flops(64, 6, 14, 14, 16, 5, 5)),
+        Case("Conv 64x1x28x28 k5 ->6 (LeNet conv1)", C, lambda ns: ns.Conv2d(1, 6, 5),
+             (64, 1, 28, 28), _conv_flops(64, 1, 28, 28, 6, 5, 5)),
+        Case("Conv depthwise 32x32x56x56 k3p1 g32", C,
+             lambda ns: ns.Conv2d(32, 32, 3, padding=1, groups=32),
+             (32, 32, 56, 56), _conv_flops(32, 32, 56, 56, 32, 3, 3, pad=1, groups=32)),
+        Case("MaxPool k2 64x6x28x28 (LeNet)", P, lambda ns: ns.MaxPool2d(2), (64, 6, 28, 28),
+             0, *_pool_bytes(64, 6, 28, 28, 2, 2, 0)),
+        Case("MaxPool k3s2p1 16x64x112x112 (ResNet)", P, lambda ns: ns.MaxPool2d(3, 2, 1),
+             (16, 64, 112, 112), 0, *_pool_bytes(16, 64, 112, 112, 3, 2, 1)),
+        Case("BatchNorm2d 32x64x32x32", B, lambda ns: ns.BatchNorm2d(64), (32, 64, 32, 32),
+             0, *_bn_bytes((32, 64, 32, 32))),
+        Case("BatchNorm2d 16x64x112x112", B, lambda ns: ns.BatchNorm2d(64), (16, 64, 112, 112),
+             0, *_bn_bytes((16, 64, 112, 112))),
+        Case("BatchNorm2d 32x256x14x14", B, lambda ns: ns.BatchNorm2d(256), (32, 256, 14, 14),
+             0, *_bn_bytes((32, 256, 14, 14))),
+    ]
+    for n in (1024, 2048):
+        cases.append(Case(f"GEMM {n}x{n}x{n} (Linear, no bias)", "gemm",
+                          lambda ns, n=n: ns.Linear(n, n, bias=False), (n, n), 2.0 * n ** 3))
+    return cases
+
+
+# ------------------------------------------------------------------ measuring
+def measure_dram_gbs(mb=512, reps=5) -> float:
+    """Copy bandwidth (bytes read + written) of a large torch copy, GB/s."""
+    src = torch.empty(mb * 2 ** 20 // 4).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / min(ts) / 1e9
+
+
+def measure_fma_peak() -> Optional[float]:
+    try:
+        return max(fastlayers._C.fma_peak_gflops(100_000_000) for _ in range(3))
+    except RuntimeError:
+        return None
+
+
+def saved_bytes(module, x) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward
+    (parameters and buffers excluded: the module keeps them alive anyway)."""
+    keep = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    keep |= {b.untyped_storage().data_ptr() for b in module.buffers()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in keep:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().requires_grad_(True))
+    return sum(seen.values())
+
+
+def _timeit(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_pair(f_torch, f_ours, min_reps=5, budget_s=1.0, warmup=2):
+    """Interleaved medians (seconds) of two callables."""
+    for _ in range(warmup):
+        f_torch(); f_ours()
+    tt, to = [], []
+    t_start = time.perf_counter()
+    i = 0
+    while i < min_reps or (time.perf_counter() - t_start < budget_s and i < 200):
+        if i % 2 == 0:
+            tt.append(_timeit(f_torch)); to.append(_timeit(f_ours))
+        else:
+            to.append(_timeit(f_ours)); tt.append(_timeit(f_torch))
+        i += 1
+    return statistics.median(tt), statistics.median(to)
+
+
+def run_case(case: Case, budget_s=1.0, min_reps=5):
+    torch.manual_seed(0)
+    ref = case.make(torch.nn)
+    ours = case.make(fastlayers)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(case.shape)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    def fwd_bwd(m):
+        def f():
+            y = m(xg)
+            y.backward(torch.ones_like(y))
+            xg.grad = None
+            for p in m.parameters():
+                p.grad = None
+        return f
+
+    row = {"case": case.name, "kind": case.kind}
+    tf, of = time_pair(fwd(ref), fwd(ours), min_reps, budget_s)
+    row.update(torch_fwd_ms=tf * 1e3, ours_fwd_ms=of * 1e3, speedup_fwd=tf / of)
+    if case.kind != "gemm":
+        tb, ob = time_pair(fwd_bwd(ref), fwd_bwd(ours), min_reps, budget_s)
+        row.update(torch_fwdbwd_ms=tb * 1e3, ours_fwdbwd_ms=ob * 1e3, speedup_fwdbwd=tb / ob)
+    if case.flops:
+        row["ours_fwd_gflops"] = case.flops / of / 1e9
+        row["torch_fwd_gflops"] = case.flops / tf / 1e9
+        if "ours_fwdbwd_ms" in row:
+            row["ours_fwdbwd_gflops"] = 3 * case.flops / (row["ours_fwdbwd_ms"] / 1e3) / 1e9
+    else:
+        row["ours_fwd_gbs"] = case.bytes_fwd / of / 1e9
+        row["torch_fwd_gbs"] = case.bytes_fwd / tf / 1e9
+        if "ours_fwdbwd_ms" in row:
+            row["ours_fwdbwd_gbs"] = (case.bytes_fwd + case.bytes_bwd) / (row["ours_fwdbwd_ms"] / 1e3) / 1e9
+    if case.kind != "gemm":
+        row["torch_saved_bytes"] = saved_bytes(ref, x)
+        row["ours_saved_bytes"] = saved_bytes(ours, x)
+    return row
+
+
+def format_table(rows, peak, dram):
+    head = (f"{'case':44s} {'torch fwd':>9s} {'ours fwd':>9s} {'x':>6s} {'torch f+b':>10s} "
+            f"{'ours f+b':>9s} {'x':>6s} {'achieved (fwd)':>16s} {'%roof':>6s} "
+            f"{'saved torch':>11s} {'saved ours':>10s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "ours_fwd_gflops" in r:
+            ach = f"{r['ours_fwd_gflops']:.1f} GFLOP/s"
+            roof = f"{100 * r['ours_fwd_gflops'] / peak:.0f}%" if peak else "-"
+        else:
+            ach = f"{r['ours_fwd_gbs']:.1f} GB/s"
+            roof = f"{100 * r['ours_fwd_gbs'] / dram:.0f}%"
+        fb = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        sb = lambda k: f"{r[k] / 2 ** 20:.2f}M" if k in r else "-"  # noqa: E731
+        sp = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        lines.append(f"{r['case']:44s} {r['torch_fwd_ms']:9.3f} {r['ours_fwd_ms']:9.3f} "
+                     f"{sp('speedup_fwd'):>6s} {fb('torch_fwdbwd_ms'):>10s} {fb('ours_fwdbwd_ms'):>9s} "
+                     f"{sp('speedup_fwdbwd'):>6s} {ach:>16s} {roof:>6s} "
+                     f"{sb('torch_saved_bytes'):>11s} {sb('ours_saved_bytes'):>10s}")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [r["case"] for r in rows]
+    fwd = [r["speedup_fwd"] for r in rows]
+    fb = [r.get("speedup_fwdbwd", float("nan")) for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], fwd, height=0.4, label="forward")
+    ax.barh([y - 0.2 for y in ys], fb, height=0.4, label="forward+backward")
+    ax.axvline(1.0, color="k", lw=1)
+    ax.set_yticks(list(ys)); ax.set_yticklabels(names, fontsize=8); ax.invert_yaxis()
+    ax.set_xlabel("speedup over torch.nn (higher is better)")
+    ax.set_title(f"fastlayers vs torch.nn, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastlayers bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="", help="comma-separated substrings selecting cases")
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds per timing series")
+    ap.add_argument("--min-reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    ap.add_argument("--quick", action="store_true", help="small budget, for a smoke run")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.budget, args.min_reps = 0.05, 2
+    sel = [s.strip().lower() for s in args.cases.split(",") if s.strip()]
+    cases = [c for c in suite() if not sel or any(s in c.name.lower() for s in sel)]
+
+    peak = measure_fma_peak()
+    dram = measure_dram_gbs()
+    info = fastlayers.build_info()
+    print(f"fastlayers {info['version']} | torch {torch.__version__} | isa {info['cpu_isa']} | "
+          f"threads {torch.get_num_threads()} | {platform.processor() or platform.machine()}")
+    print(f"roofline (measured here): fp32 FMA peak {peak:.0f} GFLOP/s, DRAM copy {dram:.1f} GB/s"
+          if peak else f"roofline: DRAM copy {dram:.1f} GB/s (no FMA path)")
+    rows = []
+    for c in cases:
+        r = run_case(c, args.budget, args.min_reps)
+        rows.append(r)
+        print(f"  {c.name}: fwd {r['speedup_fwd']:.2f}x"
+              + (f", fwd+bwd {r['speedup_fwdbwd']:.2f}x" if "speedup_fwdbwd" in r else ""), flush=True)
+    print()
+    print(format_table(rows, peak, dram))
+    os.makedirs(args.out, exist_ok=True)
+    result = {"machine": {"processor": platform.processor(), "threads": torch.get_num_threads(),
+                          "fma_peak_gflops": peak, "dram_copy_gbs": dram},
+              "build": info, "torch": torch.__version__, "rows": rows,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        plot(rows, os.path.join(args.out, "bench.png"))
+        print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+    except ImportError:
+        print(f"\nwrote {args.out}/bench.json (install matplotlib for the chart)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
