@@ -1,0 +1,144 @@
+"""Threads, determinism and memory: fastlayers must never do worse than torch.nn."""
+import gc
+import os
+import threading
+
+import pytest
+import torch
+
+import fastlayers
+import fastlayers.nn as fnn
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        fnn.Conv2d(3, 8, 3, padding=1), fnn.BatchNorm2d(8), torch.nn.ReLU(), fnn.MaxPool2d(2),
+        torch.nn.Flatten(), fnn.Linear(8 * 6 * 6, 10))
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.square().sum().backward()
+    return [y.detach().clone()] + [p.grad.clone() for p in model.parameters()]
+
+
+def test_deterministic_repeated_runs():
+    x = torch.randn(8, 3, 12, 12)
+    a, b = _net(), _net()
+    ra, rb = _step(a, x), _step(b, x)
+    for u, v in zip(ra, rb):
+        assert torch.equal(u, v)  # bitwise
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_gives_same_results(threads):
+    x = torch.randn(8, 3, 12, 12)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = _step(_net(), x)
+        torch.set_num_threads(threads)
+        got = _step(_net(), x)
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(ref, got):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+
+
+def test_python_threads_concurrently():
+    x = torch.randn(4, 3, 12, 12)
+    model = _net().eval()
+    with torch.no_grad():
+        ref = model(x)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(10):
+                with torch.no_grad():
+                    results.append(model(x))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert len(results) == 40
+    for r in results:
+        assert torch.equal(r, ref)
+
+
+class _Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        # runs our kernels inside forked DataLoader workers
+        with torch.no_grad():
+            x = torch.full((1, 3, 12, 12), float(i))
+            return fastlayers.functional.max_pool2d(x, 2).sum()
+
+
+def test_dataloader_workers_forked_after_import():
+    loader = torch.utils.data.DataLoader(_Data(), batch_size=2, num_workers=2,
+                                         multiprocessing_context="fork")
+    got = torch.cat([b for b in loader])
+    assert torch.equal(got, torch.arange(8.) * 36)
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_no_leak_over_many_steps():
+    model = _net()
+    x = torch.randn(4, 3, 12, 12)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def steps(n):
+        for i in range(n):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            with torch.no_grad():
+                model(x)
+            try:  # an exception raised mid-way must not leak either
+                model(torch.randn(4, 5, 12, 12))
+            except RuntimeError:
+                pass
+
+    steps(200)  # warm up allocator caches
+    gc.collect()
+    before = _rss_mb()
+    steps(2000)
+    gc.collect()
+    drift = _rss_mb() - before
+    print(f"RSS drift over 2000 steps: {drift:.2f} MiB")
+    assert drift < 8, f"RSS grew by {drift:.1f} MiB over 2000 steps"
+
+
+def test_saved_tensors_freed_after_backward():
+    import weakref
+    model = _net()
+    x = torch.randn(4, 3, 12, 12, requires_grad=True)
+    y = model(x)
+    refs = []
+
+    def pack(t):
+        refs.append(weakref.ref(t)) if not isinstance(t, torch.nn.Parameter) else None
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    del y
+    gc.collect()
+    alive = [r for r in refs if r() is not None and r() is not x]
+    assert not alive, f"{len(alive)} saved tensors still alive after backward"
