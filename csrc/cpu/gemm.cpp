@@ -322,3 +322,50 @@ void gemm(const GemmArgs<float>& a) { gemm_detail::gemm_impl(a); }
 void gemm(const GemmArgs<double>& a) { gemm_detail::gemm_impl(a); }
 
 }  // namespace fastlayers::cpu
+
+// ---------------------------------------------------------------------------
+// Test hook: torch.ops.fastlayers_internal.gemm_(a, b, c, accumulate, bias_m,
+// bias_n) runs the GEMM core on tensors with whatever strides they have,
+// writing into c (so tests reach accumulate, bias_m and any C layout, which
+// Linear does not use but Conv2d does).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace fastlayers::cpu {
+namespace {
+
+void gemm_test_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool accumulate,
+                  const std::optional<at::Tensor>& bias_m,
+                  const std::optional<at::Tensor>& bias_n) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "gemm_: expected 2-D tensors");
+  TORCH_CHECK(a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1),
+              "gemm_: shape mismatch");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.scalar_type() == c.scalar_type(),
+              "gemm_: dtype mismatch");
+  const bool has_m = bias_m.has_value() && bias_m->defined();
+  const bool has_n = bias_n.has_value() && bias_n->defined();
+  at::Tensor bm = has_m ? bias_m->contiguous() : at::Tensor();
+  at::Tensor bn = has_n ? bias_n->contiguous() : at::Tensor();
+  TORCH_CHECK(!has_m || bm.numel() == c.size(0), "gemm_: bias_m must have M elements");
+  TORCH_CHECK(!has_n || bn.numel() == c.size(1), "gemm_: bias_n must have N elements");
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastlayers_gemm_test", [&] {
+    GemmArgs<scalar_t> g;
+    g.M = c.size(0); g.N = c.size(1); g.K = a.size(1);
+    g.A = a.const_data_ptr<scalar_t>(); g.rsA = a.stride(0); g.csA = a.stride(1);
+    g.B = b.const_data_ptr<scalar_t>(); g.rsB = b.stride(0); g.csB = b.stride(1);
+    g.C = c.data_ptr<scalar_t>(); g.rsC = c.stride(0); g.csC = c.stride(1);
+    g.accumulate = accumulate;
+    g.bias_m = has_m ? bm.const_data_ptr<scalar_t>() : nullptr;
+    g.bias_n = has_n ? bn.const_data_ptr<scalar_t>() : nullptr;
+    gemm(g);
+  });
+}
+
+}  // namespace
+}  // namespace fastlayers::cpu
+
+TORCH_LIBRARY(fastlayers_internal, m) {
+  m.def("gemm_(Tensor a, Tensor b, Tensor(c!) c, bool accumulate, Tensor? bias_m, Tensor? bias_n)"
+        " -> ()");
+  m.impl("gemm_", c10::DispatchKey::CPU, &fastlayers::cpu::gemm_test_op);
+}
