@@ -1,43 +1,371 @@
-// GEMM core: dispatcher plus a portable blocked reference path.
-// (Optimised ISA micro-kernels plug in here; see gemm.h for the contract.)
+// GEMM core: Goto/BLIS-style driver (contract in gemm.h).
+//
+//   for jc in N step NC              B panel  (KC x NC)  ~ L3
+//     for pc in K step KC            pack B into NR-column slivers
+//       for ic in M step MC          A block  (MC x KC)  ~ L2, packed in MR-row slivers
+//         for jr in NC step NR       B sliver (KC x NR)  ~ L1
+//           for ir in MC step MR     micro-kernel: MR x NR tile in registers
+//
+// Packing reads A and B through their strides, so every transpose is free.
+// Skinny problems skip the packing of an operand that is reused little (the
+// micro-kernel then reads it in place; edge slivers are still copied so no
+// read goes past the matrix). Threads: one at::parallel_for per call over a
+// tm x tn grid of C blocks; each thread runs the loops above on its block with
+// its own (thread-local) packing buffers.
+// Micro-kernels: AVX2 / AVX-512 (gemm_kernels_*.cpp) or the portable one below,
+// chosen by active_isa() at every call.
 #include "gemm.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
+#include <cstdlib>
+#include <new>
+#include <utility>
 
+#include "gemm_kernels.h"
 #include "isa.h"
 
 namespace fastlayers::cpu {
+namespace gemm_detail {
 namespace {
 
+// ---------------------------------------------------------------------------
+// Portable micro-kernel (the Scalar ISA path and the fallback for double).
+template <typename T, int MR, int NR>
+void kernel_portable(const Tile<T>& t) {
+  T acc[MR][NR] = {};
+  const T* a = t.A;
+  const T* b = t.B;
+  for (int64_t k = 0; k < t.kc; ++k) {
+    for (int r = 0; r < MR; ++r) {
+      const T ar = a[r * t.a_rs];
+      for (int j = 0; j < NR; ++j) acc[r][j] += ar * b[j];
+    }
+    a += t.a_ks;
+    b += t.b_ks;
+  }
+  for (int r = 0; r < MR; ++r) {
+    T* c = t.C + r * t.ldc;
+    for (int j = 0; j < NR; ++j) {
+      T v = acc[r][j];
+      if (t.beta) v += c[j];
+      if (t.bias_m) v += t.bias_m[r];
+      if (t.bias_n) v += t.bias_n[j];
+      c[j] = v;
+    }
+  }
+}
+
 template <typename T>
-void gemm_reference(const GemmArgs<T>& g) {
-  const int64_t M = g.M, N = g.N, K = g.K;
-  if (M == 0 || N == 0) return;
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    std::vector<T> acc(N);
-    for (int64_t i = m0; i < m1; ++i) {
-      for (int64_t j = 0; j < N; ++j) {
-        T v = g.accumulate ? g.C[i * g.rsC + j * g.csC] : T(0);
+KernelSet<T> portable_kernels() {
+  KernelSet<T> s;
+  s.MR = 4; s.NR = 8;
+  s.MC = 128; s.KC = 256; s.NC = 4096;
+  s.packed_a = &kernel_portable<T, 4, 8>;
+  s.strided_a = &kernel_portable<T, 4, 8>;
+  return s;
+}
+
+KernelSet<float> kernels(Isa isa, float*) {
+  static const KernelSet<float> portable = portable_kernels<float>();
+  if (isa == Isa::Avx512) { static const KernelSet<float> k = avx512_kernels_f32(); return k; }
+  if (isa == Isa::Avx2) { static const KernelSet<float> k = avx2_kernels_f32(); return k; }
+  return portable;
+}
+
+KernelSet<double> kernels(Isa isa, double*) {
+  static const KernelSet<double> portable = portable_kernels<double>();
+  if (isa == Isa::Avx512) { static const KernelSet<double> k = avx512_kernels_f64(); return k; }
+  if (isa == Isa::Avx2) { static const KernelSet<double> k = avx2_kernels_f64(); return k; }
+  return portable;
+}
+
+// ---------------------------------------------------------------------------
+// Thread-local, 64-byte aligned scratch buffers that only grow (the OpenMP
+// threads persist, so steady-state calls allocate nothing).
+struct Scratch {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ~Scratch() { std::free(p); }
+  void* get(size_t need) {
+    if (need > bytes) {
+      std::free(p);
+      p = nullptr;
+      bytes = 0;
+      const size_t n = (need + 63) / 64 * 64;
+      p = std::aligned_alloc(64, n);
+      if (p == nullptr) throw std::bad_alloc();
+      bytes = n;
+    }
+    return p;
+  }
+};
+
+template <typename T>
+T* scratch(int slot, int64_t elems) {
+  thread_local Scratch bufs[3];
+  return static_cast<T*>(bufs[slot].get(static_cast<size_t>(elems) * sizeof(T)));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---------------------------------------------------------------------------
+// Packing. A block (mc x kc) -> MR-row slivers, dst[ir * kc + k * MR + r];
+// B block (kc x nc) -> NR-column slivers, dst[jr * kc + k * NR + j].
+// Rows / columns past the edge are zero.
+template <typename T>
+void pack_a(int MR, int64_t mc, int64_t kc, const T* A, int64_t rsA, int64_t csA, T* dst) {
+  for (int64_t ir = 0; ir < mc; ir += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+    const T* s = A + ir * rsA;
+    T* d = dst + ir * kc;
+    if (csA == 1) {  // rows contiguous: read each row once, scatter with stride MR
+      for (int r = 0; r < mr; ++r) {
+        const T* sr = s + r * rsA;
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + r] = sr[k];
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int r = 0; r < mr; ++r) d[k * MR + r] = s[r * rsA + k * csA];
+    }
+    for (int r = mr; r < MR; ++r)
+      for (int64_t k = 0; k < kc; ++k) d[k * MR + r] = T(0);
+  }
+}
+
+template <typename T>
+void pack_b(const KernelSet<T>& ks, int64_t kc, int64_t nc, const T* B, int64_t rsB, int64_t csB,
+            T* dst) {
+  const int NR = ks.NR;
+  for (int64_t jr = 0; jr < nc; jr += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
+    const T* s = B + jr * csB;
+    T* d = dst + jr * kc;
+    if (csB == 1) {
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* sk = s + k * rsB;
+        T* dk = d + k * NR;
+        for (int j = 0; j < nr; ++j) dk[j] = sk[j];
+        for (int j = nr; j < NR; ++j) dk[j] = T(0);
+      }
+      continue;
+    }
+    if (rsB == 1 && nr == NR && ks.pack_b_t) {
+      ks.pack_b_t(kc, s, csB, NR, d);
+      continue;
+    }
+    for (int j = 0; j < nr; ++j) {
+      const T* sj = s + j * csB;
+      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = sj[k * rsB];
+    }
+    for (int j = nr; j < NR; ++j)
+      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = T(0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// One thread's share: C[m0:m1, n0:n1], all of K.
+template <typename T>
+void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool packB,
+                int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int MR = ks.MR, NR = ks.NR;
+  const int64_t kc_max = std::min(ks.KC, g.K);
+  const int64_t mc_max = std::min(ks.MC, round_up(m1 - m0, MR));
+  const int64_t nc_max = std::min(ks.NC, round_up(n1 - n0, NR));
+  T* Ap = packA ? scratch<T>(0, mc_max * kc_max) : nullptr;
+  T* Bp = packB ? scratch<T>(1, nc_max * kc_max) : nullptr;
+  T* misc = scratch<T>(2, MR * NR + (MR + NR) * kc_max);
+  T* ctile = misc;                  // MR x NR temporary tile
+  T* a_edge = misc + MR * NR;       // last partial A sliver (unpacked A)
+  T* b_edge = a_edge + MR * kc_max; // partial B sliver (unpacked B)
+
+  for (int64_t jc = n0; jc < n1; jc += ks.NC) {
+    const int64_t nc = std::min(ks.NC, n1 - jc);
+    for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
+      const int64_t kc = std::min(ks.KC, g.K - pc);
+      const bool first = pc == 0;
+      const bool beta = !first || g.accumulate;
+      const T* Bsrc = g.B + pc * g.rsB + jc * g.csB;
+      if (packB) pack_b(ks, kc, nc, Bsrc, g.rsB, g.csB, Bp);
+      for (int64_t ic = m0; ic < m1; ic += ks.MC) {
+        const int64_t mc = std::min(ks.MC, m1 - ic);
+        const T* Asrc = g.A + ic * g.rsA + pc * g.csA;
+        if (packA) {
+          pack_a(MR, mc, kc, Asrc, g.rsA, g.csA, Ap);
+        } else if (mc % MR) {
+          const int64_t last = mc / MR * MR;
+          pack_a(MR, mc - last, kc, Asrc + last * g.rsA, g.rsA, g.csA, a_edge);
+        }
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
+          Tile<T> t;
+          t.kc = kc;
+          if (packB) {
+            t.B = Bp + jr * kc; t.b_ks = NR;
+          } else if (nr == NR) {  // unpacked B has csB == 1
+            t.B = Bsrc + jr; t.b_ks = g.rsB;
+          } else {
+            pack_b(ks, kc, nr, Bsrc + jr * g.csB, g.rsB, g.csB, b_edge);
+            t.B = b_edge; t.b_ks = NR;
+          }
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+            MicroKernel<T> kern = ks.packed_a;
+            if (packA) {
+              t.A = Ap + ir * kc; t.a_rs = 1; t.a_ks = MR;
+            } else if (mr == MR) {
+              t.A = Asrc + ir * g.rsA; t.a_rs = g.rsA; t.a_ks = g.csA;
+              kern = ks.strided_a;
+            } else {
+              t.A = a_edge; t.a_rs = 1; t.a_ks = MR;
+            }
+            const int64_t i0 = ic + ir, j0 = jc + jr;
+            const T* bm = first && g.bias_m ? g.bias_m + i0 : nullptr;
+            const T* bn = first && g.bias_n ? g.bias_n + j0 : nullptr;
+            T* c = g.C + i0 * g.rsC + j0 * g.csC;
+            if (mr == MR && nr == NR && g.csC == 1) {
+              t.C = c; t.ldc = g.rsC; t.beta = beta; t.bias_m = bm; t.bias_n = bn;
+              kern(t);
+              continue;
+            }
+            t.C = ctile; t.ldc = NR; t.beta = false; t.bias_m = nullptr; t.bias_n = nullptr;
+            kern(t);
+            for (int r = 0; r < mr; ++r) {
+              T* cr = c + r * g.rsC;
+              for (int j = 0; j < nr; ++j) {
+                T v = ctile[r * NR + j];
+                if (beta) v += cr[j * g.csC];
+                if (bm) v += bm[r];
+                if (bn) v += bn[j];
+                cr[j * g.csC] = v;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// K == 0: C = (accumulate ? C : 0) + biases.
+template <typename T>
+void gemm_no_k(const GemmArgs<T>& g) {
+  at::parallel_for(0, g.M, std::max<int64_t>(1, 32768 / g.N), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = 0; j < g.N; ++j) {
+        T& c = g.C[i * g.rsC + j * g.csC];
+        T v = g.accumulate ? c : T(0);
         if (g.bias_m) v += g.bias_m[i];
         if (g.bias_n) v += g.bias_n[j];
-        acc[j] = v;
+        c = v;
       }
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = g.A[i * g.rsA + k * g.csA];
-        const T* b = g.B + k * g.rsB;
-        for (int64_t j = 0; j < N; ++j) acc[j] += a * b[j * g.csB];
-      }
-      for (int64_t j = 0; j < N; ++j) g.C[i * g.rsC + j * g.csC] = acc[j];
-    }
+  });
+}
+
+template <typename T>
+void gemm_impl(GemmArgs<T> g) {
+  if (g.M <= 0 || g.N <= 0) return;
+  if (g.K <= 0) return gemm_no_k(g);
+  // The kernels write rows of C; for a column-major C solve C^T = B^T A^T.
+  if (g.csC != 1 && g.rsC == 1) {
+    std::swap(g.M, g.N);
+    std::swap(g.A, g.B);
+    const int64_t rsA = g.csB, csA = g.rsB, rsB = g.csA, csB = g.rsA;
+    g.rsA = rsA; g.csA = csA; g.rsB = rsB; g.csB = csB;
+    std::swap(g.rsC, g.csC);
+    std::swap(g.bias_m, g.bias_n);
+  }
+  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  const int64_t MR = ks.MR, NR = ks.NR;
+
+  // Skip packing an operand that is reused little: A is reused N / NR times,
+  // B is reused M / MR times (and can only be read in place with csB == 1).
+  const bool packA = g.N > 4 * NR;
+  const bool packB = !(g.csB == 1 && g.M <= 4 * MR);
+
+  // Threads: a tm x tn grid of C blocks (multiples of MR x NR), choosing the
+  // grid that minimises per-thread compute + packing (in units of K).
+  const int64_t work = g.M * g.N * g.K;
+  int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  nt = std::max<int64_t>(1, std::min<int64_t>(nt, work / (1 << 17)));
+  const int64_t bm = ceil_div(g.M, MR), bn = ceil_div(g.N, NR);  // tiles per dim
+  int64_t tm = 1, tn = 1;
+  double best = -1;
+  for (int64_t a = 1; a <= nt; ++a) {
+    if (nt % a || a > bm || nt / a > bn) continue;
+    const double mt = double(ceil_div(bm, a) * MR), ntile = double(ceil_div(bn, nt / a) * NR);
+    const double cost = mt * ntile / 16 + mt + ntile;
+    if (best < 0 || cost < best) { best = cost; tm = a; tn = nt / a; }
+  }
+  if (best < 0) {  // nt does not fit the tile grid: one dimension only
+    if (bn >= bm) tn = std::min(nt, bn); else tm = std::min(nt, bm);
+  }
+  // Block t covers tiles [bm * ti / tm, bm * (ti + 1) / tm) x likewise in N.
+  auto run = [&](int64_t t) {
+    const int64_t ti = t / tn, tj = t % tn;
+    const int64_t m0 = bm * ti / tm * MR, m1 = std::min(g.M, bm * (ti + 1) / tm * MR);
+    const int64_t n0 = bn * tj / tn * NR, n1 = std::min(g.N, bn * (tj + 1) / tn * NR);
+    if (m0 < m1 && n0 < n1) gemm_block(g, ks, packA, packB, m0, m1, n0, n1);
+  };
+  if (tm * tn == 1) return run(0);
+  at::parallel_for(0, tm * tn, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) run(t);
   });
 }
 
 }  // namespace
+}  // namespace gemm_detail
 
-void gemm(const GemmArgs<float>& a) { gemm_reference(a); }
-void gemm(const GemmArgs<double>& a) { gemm_reference(a); }
+void gemm(const GemmArgs<float>& a) { gemm_detail::gemm_impl(a); }
+void gemm(const GemmArgs<double>& a) { gemm_detail::gemm_impl(a); }
 
 }  // namespace fastlayers::cpu
+
+// ---------------------------------------------------------------------------
+// Test hook: torch.ops.fastlayers_internal.gemm_(a, b, c, accumulate, bias_m,
+// bias_n) runs the GEMM core on tensors with whatever strides they have,
+// writing into c (so tests reach accumulate, bias_m and any C layout, which
+// Linear does not use but Conv2d does).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace fastlayers::cpu {
+namespace {
+
+void gemm_test_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool accumulate,
+                  const std::optional<at::Tensor>& bias_m,
+                  const std::optional<at::Tensor>& bias_n) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "gemm_: expected 2-D tensors");
+  TORCH_CHECK(a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1),
+              "gemm_: shape mismatch");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.scalar_type() == c.scalar_type(),
+              "gemm_: dtype mismatch");
+  const bool has_m = bias_m.has_value() && bias_m->defined();
+  const bool has_n = bias_n.has_value() && bias_n->defined();
+  at::Tensor bm = has_m ? bias_m->contiguous() : at::Tensor();
+  at::Tensor bn = has_n ? bias_n->contiguous() : at::Tensor();
+  TORCH_CHECK(!has_m || bm.numel() == c.size(0), "gemm_: bias_m must have M elements");
+  TORCH_CHECK(!has_n || bn.numel() == c.size(1), "gemm_: bias_n must have N elements");
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastlayers_gemm_test", [&] {
+    GemmArgs<scalar_t> g;
+    g.M = c.size(0); g.N = c.size(1); g.K = a.size(1);
+    g.A = a.const_data_ptr<scalar_t>(); g.rsA = a.stride(0); g.csA = a.stride(1);
+    g.B = b.const_data_ptr<scalar_t>(); g.rsB = b.stride(0); g.csB = b.stride(1);
+    g.C = c.data_ptr<scalar_t>(); g.rsC = c.stride(0); g.csC = c.stride(1);
+    g.accumulate = accumulate;
+    g.bias_m = has_m ? bm.const_data_ptr<scalar_t>() : nullptr;
+    g.bias_n = has_n ? bn.const_data_ptr<scalar_t>() : nullptr;
+    gemm(g);
+  });
+}
+
+}  // namespace
+}  // namespace fastlayers::cpu
+
+TORCH_LIBRARY(fastlayers_internal, m) {
+  m.def("gemm_(Tensor a, Tensor b, Tensor(c!) c, bool accumulate, Tensor? bias_m, Tensor? bias_n)"
+        " -> ()");
+  m.impl("gemm_", c10::DispatchKey::CPU, &fastlayers::cpu::gemm_test_op);
+}

@@ -1,0 +1,409 @@
+// BatchNorm on the CPU over dim 1 of an (N, C, *) input, seen as N x C x L.
+//
+// Layout: a 4-D input keeps its suggested memory format (outputs too), any
+// other input is made contiguous. Contiguous data is "seg" (per (n, c) a run
+// of L values, cut into chunks of kSegChunk); channels-last data and L == 1
+// (e.g. (N, C)) is "rows" (rows of C channels, cut into blocks of rows).
+//
+// train forward:  pass 1 per chunk/block (mean, M2) around a shift (two
+//                 in-cache sweeps), merged per channel in a fixed order
+//                 (Chan et al.) -> mean, biased var; pass 2 one fused
+//                 y = (x - mean) * (invstd * w) + b. The mean is split into
+//                 two T's (hi + lo) so x - mean stays exact-ish when the mean
+//                 is large against the spread. Running stats updated in place.
+// eval forward:   pass 2 only, with the running stats.
+// backward:       training: one reduction pass (sum dy, sum dy * (x - mean)),
+//                 then one pass dx = dy * a + (x - mean) * b + k with
+//                   a = w invstd, b = -w invstd^3 mean(dy (x - mean)), k = -a mean(dy);
+//                 eval: dx = dy * w * invstd.
+//                 grad_weight = invstd sum dy (x - mean), grad_bias = sum dy.
+// Every reduction is per chunk/block in fixed order then merged in a fixed
+// order: results do not depend on the thread count. No atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "batch_norm_kernels.h"
+#include "common.h"
+#include "isa.h"
+
+// The "scalar" (baseline x86-64) build of the loops.
+#define FL_BN_SIMD_IMPL bn_scalar
+#include "batch_norm_simd.h"
+
+namespace fastlayers {
+namespace cpu {
+void bn_kernels_scalar(BnKernels<float>* f, BnKernels<double>* d) {
+  bn_scalar::fill(f);
+  bn_scalar::fill(d);
+}
+}  // namespace cpu
+
+namespace {
+
+constexpr int64_t kSegChunk = 4096;   // values per seg work item
+constexpr int64_t kRowsValues = 16384;  // values per rows block (at most kMaxRows rows)
+constexpr int64_t kMaxRows = 256;
+
+struct Tables {
+  cpu::BnKernels<float> f;
+  cpu::BnKernels<double> d;
+};
+
+// Tables are filled only for the active (hence supported) ISA.
+const Tables& tables(cpu::Isa isa) {
+  switch (isa) {
+    case cpu::Isa::Avx512: {
+      static const Tables t = [] { Tables r; cpu::bn_kernels_avx512(&r.f, &r.d); return r; }();
+      return t;
+    }
+    case cpu::Isa::Avx2: {
+      static const Tables t = [] { Tables r; cpu::bn_kernels_avx2(&r.f, &r.d); return r; }();
+      return t;
+    }
+    default: {
+      static const Tables t = [] { Tables r; cpu::bn_kernels_scalar(&r.f, &r.d); return r; }();
+      return t;
+    }
+  }
+}
+
+template <typename T>
+const cpu::BnKernels<T>& kernels() {
+  const Tables& t = tables(cpu::active_isa());
+  if constexpr (std::is_same_v<T, float>) return t.f;
+  else return t.d;
+}
+
+// The input as seg or rows work items.
+struct Layout {
+  at::MemoryFormat fmt;
+  at::Tensor x;
+  bool rows;
+  int64_t N, C, L, M;  // M = N * L values per channel
+  int64_t nch;         // seg: chunks per (n, c) run
+  int64_t rb, nb;      // rows: rows per block, blocks
+  int64_t items() const { return rows ? nb : N * C * nch; }
+  // seg item -> (channel, offset of the chunk, length)
+  int64_t seg_c(int64_t i) const { return (i / nch) % C; }
+  int64_t seg_off(int64_t i) const { return (i / nch) * L + (i % nch) * kSegChunk; }
+  int64_t seg_len(int64_t i) const { return std::min(kSegChunk, L - (i % nch) * kSegChunk); }
+  int64_t blk_rows(int64_t b) const { return std::min(rb, M - b * rb); }
+};
+
+Layout make_layout(const at::Tensor& input) {
+  Layout g;
+  g.fmt = input.dim() == 4 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  g.x = input.contiguous(g.fmt);
+  g.N = input.size(0);
+  g.C = input.size(1);
+  g.L = 1;
+  for (int64_t i = 2; i < input.dim(); ++i) g.L *= input.size(i);
+  g.M = g.N * g.L;
+  // C == 1: channels-last memory is the contiguous one, so seg works too.
+  g.rows = (g.fmt == at::MemoryFormat::ChannelsLast || g.L == 1) && g.C > 1;
+  g.nch = std::max<int64_t>(1, (g.L + kSegChunk - 1) / kSegChunk);
+  g.rb = std::clamp<int64_t>(kRowsValues / std::max<int64_t>(g.C, 1), 1, kMaxRows);
+  g.nb = (g.M + g.rb - 1) / g.rb;
+  return g;
+}
+
+void check_param(const std::optional<at::Tensor>& t, const at::Tensor& input, int64_t C,
+                 const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  check_same(input, *t, op, "input", name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "fastlayers.", op, ": ", name,
+              " should contain ", C, " elements not ", t->numel(), " (shape ", t->sizes(), ")");
+}
+
+void check_input(const at::Tensor& input, const char* op) {
+  check_float_dtype(input, op, "input");
+  TORCH_CHECK(input.dim() >= 2, "fastlayers.", op,
+              ": expected an (N, C, *) input with at least 2 dims, got ", input.dim(), "-D");
+}
+
+bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+template <typename T>
+std::vector<double> to_double(const std::optional<at::Tensor>& t, int64_t C, double dflt) {
+  std::vector<double> v(C, dflt);
+  if (!has(t)) return v;
+  at::Tensor c = t->contiguous();
+  const T* p = c.const_data_ptr<T>();
+  for (int64_t i = 0; i < C; ++i) v[i] = static_cast<double>(p[i]);
+  return v;
+}
+
+// y = (x - mean) * a + b per channel, mean split into hi + lo.
+template <typename T>
+void affine_pass(const Layout& g, const std::vector<double>& mean, const std::vector<double>& a,
+                 const std::vector<double>& b, at::Tensor& out) {
+  const auto& k = kernels<T>();
+  std::vector<T> mh(g.C), ml(g.C), ta(g.C), tb(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    mh[c] = static_cast<T>(mean[c]);
+    ml[c] = static_cast<T>(mean[c] - static_cast<double>(mh[c]));
+    ta[c] = static_cast<T>(a[c]);
+    tb[c] = static_cast<T>(b[c]);
+  }
+  const T* x = g.x.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  at::parallel_for(0, g.items(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (g.rows) {
+        const int64_t o = i * g.rb * g.C;
+        k.rows_affine(x + o, g.blk_rows(i), g.C, mh.data(), ml.data(), ta.data(), tb.data(), y + o);
+      } else {
+        const int64_t c = g.seg_c(i), o = g.seg_off(i);
+        k.seg_affine(x + o, g.seg_len(i), mh[c], ml[c], ta[c], tb[c], y + o);
+      }
+    }
+  });
+}
+
+// Per channel mean and M2 over the whole batch.
+template <typename T>
+void batch_stats(const Layout& g, std::vector<double>& mean, std::vector<double>& m2) {
+  const auto& k = kernels<T>();
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t items = g.items();
+  const int64_t per = g.rows ? g.C : 1;
+  std::vector<double> pm(items * per), pq(items * per);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<double> scratch(g.rows ? g.C * (1 + 3 * sizeof(T) / sizeof(double) + 1) : 0);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (g.rows)
+        k.rows_stats(x + i * g.rb * g.C, g.blk_rows(i), g.C, &pm[i * g.C], &pq[i * g.C],
+                     scratch.data());
+      else
+        k.seg_stats(x + g.seg_off(i), g.seg_len(i), &pm[i], &pq[i]);
+    }
+  });
+  // Merge the blocks of each channel in order (Chan et al.).
+  mean.assign(g.C, 0.0);
+  m2.assign(g.C, 0.0);
+  at::parallel_for(0, g.C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double cnt = 0, mu = 0, q = 0;
+      auto add = [&](double n, double bm, double bq) {
+        if (cnt == 0) { cnt = n; mu = bm; q = bq; return; }
+        const double tot = cnt + n, d = bm - mu;
+        mu += d * (n / tot);
+        q += bq + d * d * (cnt * n / tot);
+        cnt = tot;
+      };
+      if (g.rows) {
+        for (int64_t b = 0; b < g.nb; ++b)
+          add(static_cast<double>(g.blk_rows(b)), pm[b * g.C + c], pq[b * g.C + c]);
+      } else {
+        for (int64_t n = 0; n < g.N; ++n)
+          for (int64_t j = 0; j < g.nch; ++j) {
+            const int64_t i = (n * g.C + c) * g.nch + j;
+            add(static_cast<double>(g.seg_len(i)), pm[i], pq[i]);
+          }
+      }
+      mean[c] = mu;
+      m2[c] = q;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, double momentum, double eps) {
+  const char* op = "batch_norm";
+  check_input(input, op);
+  const int64_t C = input.size(1);
+  check_param(weight, input, C, op, "weight");
+  check_param(bias, input, C, op, "bias");
+  check_param(running_mean, input, C, op, "running_mean");
+  check_param(running_var, input, C, op, "running_var");
+  TORCH_CHECK(has(running_mean) == has(running_var), "fastlayers.", op,
+              ": running_mean and running_var must both be given or both be None");
+  Layout g = make_layout(input);
+  at::Tensor out = at::empty_like(g.x, g.x.options().memory_format(g.fmt));
+  at::Tensor save_mean = at::zeros({C}, input.options());
+  at::Tensor save_invstd = at::zeros({C}, input.options());
+  if (g.M == 0 || C == 0) return {out, save_mean, save_invstd};  // nothing to normalise
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_batch_norm_train", [&] {
+    std::vector<double> mean, m2;
+    batch_stats<scalar_t>(g, mean, m2);
+    const auto w = to_double<scalar_t>(weight, C, 1.0), b = to_double<scalar_t>(bias, C, 0.0);
+    std::vector<double> invstd(C), a(C);
+    const double M = static_cast<double>(g.M);
+    for (int64_t c = 0; c < C; ++c) {
+      invstd[c] = 1.0 / std::sqrt(m2[c] / M + eps);
+      a[c] = invstd[c] * w[c];
+    }
+    affine_pass<scalar_t>(g, mean, a, b, out);
+    scalar_t* sm = save_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* si = save_invstd.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      sm[c] = static_cast<scalar_t>(mean[c]);
+      si[c] = static_cast<scalar_t>(invstd[c]);
+    }
+    if (has(running_mean)) {
+      auto rm = to_double<scalar_t>(running_mean, C, 0.0);
+      auto rv = to_double<scalar_t>(running_var, C, 0.0);
+      at::Tensor nm = at::empty({C}, input.options()), nv = at::empty({C}, input.options());
+      scalar_t* pm = nm.mutable_data_ptr<scalar_t>();
+      scalar_t* pv = nv.mutable_data_ptr<scalar_t>();
+      // Unbiased variance; M == 1 gives inf/nan as torch (Python checks M > 1).
+      const double unbias = M / (M - 1.0);
+      for (int64_t c = 0; c < C; ++c) {
+        pm[c] = static_cast<scalar_t>((1.0 - momentum) * rm[c] + momentum * mean[c]);
+        pv[c] = static_cast<scalar_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / M) * unbias);
+      }
+      running_mean->copy_(nm);
+      running_var->copy_(nv);
+    }
+  });
+  return {out, save_mean, save_invstd};
+}
+
+at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, double eps) {
+  const char* op = "batch_norm_eval";
+  check_input(input, op);
+  const int64_t C = input.size(1);
+  check_param(weight, input, C, op, "weight");
+  check_param(bias, input, C, op, "bias");
+  check_param(running_mean, input, C, op, "running_mean");
+  check_param(running_var, input, C, op, "running_var");
+  Layout g = make_layout(input);
+  at::Tensor out = at::empty_like(g.x, g.x.options().memory_format(g.fmt));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_batch_norm_eval", [&] {
+    const auto w = to_double<scalar_t>(weight, C, 1.0), b = to_double<scalar_t>(bias, C, 0.0);
+    const auto rm = to_double<scalar_t>(running_mean, C, 0.0);
+    const auto rv = to_double<scalar_t>(running_var, C, 0.0);
+    std::vector<double> a(C);
+    for (int64_t c = 0; c < C; ++c) a[c] = w[c] / std::sqrt(rv[c] + eps);
+    affine_pass<scalar_t>(g, rm, a, b, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean_t, const at::Tensor& invstd_t, bool training,
+    std::array<bool, 3> mask) {
+  const char* op = "batch_norm_backward";
+  check_input(input, op);
+  check_same(input, grad_output, op, "input", "grad_output");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "fastlayers.", op, ": grad_output shape ",
+              grad_output.sizes(), " differs from input shape ", input.sizes());
+  const int64_t C = input.size(1);
+  check_param(weight, input, C, op, "weight");
+  check_param(mean_t, input, C, op, "mean");
+  check_param(invstd_t, input, C, op, "invstd");
+  Layout g = make_layout(input);
+  const at::Tensor dy_t = grad_output.contiguous(g.fmt);
+  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  if (mask[0]) gi = at::empty_like(g.x, g.x.options().memory_format(g.fmt));
+  if (mask[1]) gw = at::zeros({C}, input.options());
+  if (mask[2]) gb = at::zeros({C}, input.options());
+  if (g.M == 0 || C == 0) return {gi, gw, gb};
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_batch_norm_backward", [&] {
+    using T = scalar_t;
+    const auto& k = kernels<T>();
+    const T* x = g.x.const_data_ptr<T>();
+    const T* dy = dy_t.const_data_ptr<T>();
+    const auto w = to_double<T>(weight, C, 1.0);
+    const auto mean = to_double<T>(mean_t, C, 0.0), invstd = to_double<T>(invstd_t, C, 0.0);
+    std::vector<T> tm(C);
+    for (int64_t c = 0; c < C; ++c) tm[c] = static_cast<T>(mean[c]);
+
+    // Reduction pass: per channel sum dy and sum dy * (x - mean).
+    std::vector<double> sdy(C, 0.0), sdyx(C, 0.0);
+    if ((mask[0] && training) || mask[1] || mask[2]) {
+      const int64_t items = g.items(), per = g.rows ? C : 1;
+      std::vector<double> p1(items * per), p2(items * per);
+      at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<T> scratch(g.rows ? 2 * C : 0);
+        for (int64_t i = i0; i < i1; ++i) {
+          if (g.rows) {
+            const int64_t o = i * g.rb * C;
+            k.rows_bwd_reduce(dy + o, x + o, g.blk_rows(i), C, tm.data(), &p1[i * C], &p2[i * C],
+                              scratch.data());
+          } else {
+            const int64_t o = g.seg_off(i);
+            k.seg_bwd_reduce(dy + o, x + o, g.seg_len(i), tm[g.seg_c(i)], &p1[i], &p2[i]);
+          }
+        }
+      });
+      at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double s1 = 0, s2 = 0;
+          if (g.rows) {
+            for (int64_t b = 0; b < g.nb; ++b) { s1 += p1[b * C + c]; s2 += p2[b * C + c]; }
+          } else {
+            for (int64_t n = 0; n < g.N; ++n)
+              for (int64_t j = 0; j < g.nch; ++j) {
+                const int64_t i = (n * C + c) * g.nch + j;
+                s1 += p1[i];
+                s2 += p2[i];
+              }
+          }
+          sdy[c] = s1;
+          sdyx[c] = s2;
+        }
+      });
+    }
+    if (mask[1]) {
+      T* p = gw.mutable_data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(sdyx[c] * invstd[c]);
+    }
+    if (mask[2]) {
+      T* p = gb.mutable_data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(sdy[c]);
+    }
+    if (!mask[0]) return;
+
+    // Elementwise pass: dx = dy * a + (x - mean) * b + k.
+    std::vector<T> ta(C), tb(C, T(0)), tk(C, T(0));
+    const double M = static_cast<double>(g.M);
+    for (int64_t c = 0; c < C; ++c) {
+      const double a = w[c] * invstd[c];
+      ta[c] = static_cast<T>(a);
+      if (training) {
+        tb[c] = static_cast<T>(-a * invstd[c] * invstd[c] * (sdyx[c] / M));
+        tk[c] = static_cast<T>(-a * (sdy[c] / M));
+      }
+    }
+    const T* xin = training ? x : nullptr;
+    T* dx = gi.mutable_data_ptr<T>();
+    at::parallel_for(0, g.items(), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (g.rows) {
+          const int64_t o = i * g.rb * C;
+          k.rows_bwd_apply(dy + o, xin ? xin + o : nullptr, g.blk_rows(i), C, tm.data(), ta.data(),
+                           tb.data(), tk.data(), dx + o);
+        } else {
+          const int64_t c = g.seg_c(i), o = g.seg_off(i);
+          k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.seg_len(i), tm[c], ta[c], tb[c], tk[c],
+                          dx + o);
+        }
+      }
+    });
+  });
+  return {gi, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
+  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_eval", &batch_norm_eval);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+}
+
+}  // namespace fastlayers

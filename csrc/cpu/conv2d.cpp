@@ -1,0 +1,441 @@
+// Conv2d on the CPU: argument checks, layout choice and the im2col + GEMM
+// paths (the Cg == 1 direct kernels live in conv2d_direct.cpp).
+//
+// Layout: the output (and grad_input) is channels_last iff the input or the
+// weight suggests channels_last, else contiguous NCHW; the kernels run on
+// dense copies of the operands in that layout.
+//
+// For each image n and group g, over tiles of output pixels [p0, p1):
+//  NCHW  forward      Y[Kg, tile]  = W[Kg, CgRS] . col[CgRS, tile]   (+ bias_m)
+//        grad_input   col          = W^T . dY[Kg, tile];  dX += col2im(col)
+//        grad_weight  dW[Kg, CgRS] += dY[Kg, tile] . col^T
+//  NHWC  forward      Y[tile, Kg]  = col[tile, RSCg] . W^T            (+ bias_n)
+//        grad_input   col          = dY[tile, Kg] . W;    dX += col2im(col)
+//        grad_weight  dW[Kg, RSCg] += dY^T . col
+// where col = im2col(X) over the tile (csrc/cpu/im2col.h). A 1x1 / stride 1 /
+// unpadded conv uses X (or dX) in place of col.
+//
+// Workspace: one column buffer per thread of CgRS * tile elements, with
+//   tile = pixel_tile(...) ~ kColBudgetBytes / (CgRS * sizeof(T)), at least
+//   64 pixels (or P*Q), rounded up to a multiple of 16, and none at all for
+//   pointwise convs. That is at most ~1 MiB per thread unless CgRS > 4096
+//   (float), where the 64-pixel floor wins.
+//
+// Threads: work items (image, group, tile) are split into one chunk per
+// thread when there are enough of them (the GEMM then runs single-threaded
+// inside); otherwise the loop runs on the caller and the GEMM and im2col loops
+// parallelise themselves. grad_input only splits over (image, group), since
+// tiles of one image overlap in dX. grad_weight sums per-chunk partials in
+// chunk order: deterministic for a given thread count. No atomics anywhere.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "conv2d.h"
+#include "gemm.h"
+#include "im2col.h"
+
+namespace fastlayers {
+namespace {
+
+using cpu::ConvShape;
+using cpu::GemmArgs;
+
+constexpr int64_t kColBudgetBytes = int64_t(1) << 20;
+
+int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Pixels per column-buffer tile (see the workspace note above). With fewer
+// images*groups than threads, a large image is cut into a multiple of the
+// thread count of tiles so the tiles can be spread over the threads.
+int64_t pixel_tile(const ConvShape& s, int64_t elem_bytes, bool split_for_threads) {
+  const int64_t PQ = s.PQ();
+  if (PQ == 0) return 1;
+  const int64_t rowlen = std::max<int64_t>(1, s.CgRS());
+  const int64_t tmax = std::max<int64_t>(64, kColBudgetBytes / (rowlen * elem_bytes));
+  int64_t ntiles = divup(PQ, tmax);
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (split_for_threads && s.N * s.G < nt && PQ >= 2 * 64) {
+    ntiles = std::min(divup(ntiles, nt) * nt, std::max<int64_t>(1, PQ / 64));
+  }
+  int64_t tile = divup(PQ, ntiles);
+  tile = std::min(PQ, divup(tile, 16) * 16);
+  return tile;
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y) {
+  const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
+  const bool pw = s.pointwise();
+  const int64_t tile = pixel_tile(s, sizeof(T), true), ntiles = divup(PQ, tile);
+  cpu::run_chunks(s.N * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
+    std::vector<T> col(pw ? 0 : rowlen * tile);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
+      const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
+      GemmArgs<T> a;
+      a.K = rowlen;
+      if (!cl) {
+        const T* xg = x + (n * s.C + g * s.Cg) * HW;
+        a.M = s.Kg; a.N = pn;
+        a.A = w + g * s.Kg * rowlen; a.rsA = rowlen; a.csA = 1;
+        if (pw) {
+          a.B = xg + p0; a.rsB = HW; a.csB = 1;
+        } else {
+          cpu::im2col_nchw(s, xg, p0, p1, col.data());
+          a.B = col.data(); a.rsB = pn; a.csB = 1;
+        }
+        a.C = y + (n * s.K + g * s.Kg) * PQ + p0; a.rsC = PQ; a.csC = 1;
+        a.bias_m = b ? b + g * s.Kg : nullptr;
+      } else {
+        const T* xn = x + n * HW * s.C + g * s.Cg;
+        a.M = pn; a.N = s.Kg;
+        if (pw) {
+          a.A = xn + p0 * s.C; a.rsA = s.C; a.csA = 1;
+        } else {
+          cpu::im2col_nhwc(s, xn, p0, p1, col.data());
+          a.A = col.data(); a.rsA = rowlen; a.csA = 1;
+        }
+        a.B = w + g * s.Kg * rowlen; a.rsB = 1; a.csB = rowlen;
+        a.C = y + (n * PQ + p0) * s.K + g * s.Kg; a.rsC = s.K; a.csC = 1;
+        a.bias_n = b ? b + g * s.Kg : nullptr;
+      }
+      cpu::gemm(a);
+    }
+  });
+}
+
+// ------------------------------------------------------------- grad_input
+
+// dx must be zeroed beforehand unless s.pointwise().
+template <typename T>
+void grad_input_gemm(const ConvShape& s, bool cl, const T* dy, const T* w, T* dx) {
+  const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
+  const bool pw = s.pointwise();
+  const int64_t tile = pixel_tile(s, sizeof(T), false), ntiles = divup(PQ, tile);
+  cpu::run_chunks(s.N * s.G, [&](int64_t, int64_t i0, int64_t i1) {
+    std::vector<T> col(pw ? 0 : rowlen * tile);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = i % s.G, n = i / s.G;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
+        GemmArgs<T> a;
+        a.K = s.Kg;
+        if (!cl) {
+          T* dxg = dx + (n * s.C + g * s.Cg) * HW;
+          a.M = rowlen; a.N = pn;
+          a.A = w + g * s.Kg * rowlen; a.rsA = 1; a.csA = rowlen;
+          a.B = dy + (n * s.K + g * s.Kg) * PQ + p0; a.rsB = PQ; a.csB = 1;
+          if (pw) {
+            a.C = dxg + p0; a.rsC = HW; a.csC = 1;
+            cpu::gemm(a);
+          } else {
+            a.C = col.data(); a.rsC = pn; a.csC = 1;
+            cpu::gemm(a);
+            cpu::col2im_nchw(s, col.data(), p0, p1, dxg);
+          }
+        } else {
+          T* dxn = dx + n * HW * s.C + g * s.Cg;
+          a.M = pn; a.N = rowlen;
+          a.A = dy + (n * PQ + p0) * s.K + g * s.Kg; a.rsA = s.K; a.csA = 1;
+          a.B = w + g * s.Kg * rowlen; a.rsB = rowlen; a.csB = 1;
+          if (pw) {
+            a.C = dxn + p0 * s.C; a.rsC = s.C; a.csC = 1;
+            cpu::gemm(a);
+          } else {
+            a.C = col.data(); a.rsC = rowlen; a.csC = 1;
+            cpu::gemm(a);
+            cpu::col2im_nhwc(s, col.data(), p0, p1, dxn);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------ grad_weight
+
+// dw: [K, CgRS] (NCHW path, weight order c, r, s) or [K, RSCg] (NHWC path).
+template <typename T>
+void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* dw) {
+  const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW(), wsize = s.K * rowlen;
+  const bool pw = s.pointwise();
+  const int64_t tile = pixel_tile(s, sizeof(T), true), ntiles = divup(PQ, tile);
+  const int64_t items = s.N * s.G * ntiles;
+  const int64_t nchunks = cpu::planned_chunks(items);
+  // Chunk 0 accumulates straight into dw, chunk c > 0 into partial[c - 1].
+  std::vector<T> partial(std::max<int64_t>(0, nchunks - 1) * wsize, T(0));
+  std::fill(dw, dw + wsize, T(0));
+  cpu::run_chunks(items, [&](int64_t c, int64_t i0, int64_t i1) {
+    T* acc = c == 0 ? dw : partial.data() + (c - 1) * wsize;
+    std::vector<T> col(pw ? 0 : rowlen * tile);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
+      const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
+      GemmArgs<T> a;
+      a.M = s.Kg; a.N = rowlen; a.K = pn;
+      if (!cl) {
+        const T* xg = x + (n * s.C + g * s.Cg) * HW;
+        a.A = dy + (n * s.K + g * s.Kg) * PQ + p0; a.rsA = PQ; a.csA = 1;
+        if (pw) {
+          a.B = xg + p0; a.rsB = 1; a.csB = HW;
+        } else {
+          cpu::im2col_nchw(s, xg, p0, p1, col.data());
+          a.B = col.data(); a.rsB = 1; a.csB = pn;
+        }
+      } else {
+        const T* xn = x + n * HW * s.C + g * s.Cg;
+        a.A = dy + (n * PQ + p0) * s.K + g * s.Kg; a.rsA = 1; a.csA = s.K;
+        if (pw) {
+          a.B = xn + p0 * s.C; a.rsB = s.C; a.csB = 1;
+        } else {
+          cpu::im2col_nhwc(s, xn, p0, p1, col.data());
+          a.B = col.data(); a.rsB = rowlen; a.csB = 1;
+        }
+      }
+      a.C = acc + g * s.Kg * rowlen; a.rsC = rowlen; a.csC = 1;
+      a.accumulate = true;
+      cpu::gemm(a);
+    }
+  });
+  if (nchunks > 1) {
+    at::parallel_for(0, wsize, 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t c = 1; c < nchunks; ++c) {
+        const T* p = partial.data() + (c - 1) * wsize;
+        for (int64_t j = j0; j < j1; ++j) dw[j] += p[j];
+      }
+    });
+  }
+}
+
+// -------------------------------------------------------------- grad_bias
+
+// db[k] = sum over n, p, q of dY[n, k, p, q], accumulated in double.
+template <typename T>
+void grad_bias(const ConvShape& s, bool cl, const T* dy, T* db) {
+  const int64_t PQ = s.PQ(), K = s.K;
+  if (!cl) {
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double total = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const T* p = dy + (n * K + k) * PQ;
+          double acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < PQ; ++j) acc += double(p[j]);
+          total += acc;
+        }
+        db[k] = T(total);
+      }
+    });
+    return;
+  }
+  const int64_t pixels = s.N * PQ, nchunks = cpu::planned_chunks(pixels);
+  std::vector<double> partial(nchunks * K, 0.0);
+  cpu::run_chunks(pixels, [&](int64_t c, int64_t j0, int64_t j1) {
+    double* acc = partial.data() + c * K;
+    for (int64_t j = j0; j < j1; ++j) {
+      const T* p = dy + j * K;
+      for (int64_t k = 0; k < K; ++k) acc[k] += double(p[k]);
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    double total = 0;
+    for (int64_t c = 0; c < nchunks; ++c) total += partial[c * K + k];
+    db[k] = T(total);
+  }
+}
+
+// ----------------------------------------------------------------- checks
+
+std::array<int64_t, 2> pair_arg(at::IntArrayRef v, const char* op, const char* name) {
+  TORCH_CHECK(v.size() == 2, "fastlayers.", op, ": expected ", name, " to have 2 values, got ",
+              v.size());
+  return {v[0], v[1]};
+}
+
+ConvShape check_conv(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     const char* op) {
+  check_float_dtype(input, op, "input");
+  check_same(input, weight, op, "input", "weight");
+  TORCH_CHECK(input.dim() == 4, "fastlayers.", op,
+              ": expected 4-D input [N, C, H, W], but got input of size: ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4, "fastlayers.", op,
+              ": expected 4-D weight [K, C/groups, R, S], but got weight of size: ",
+              weight.sizes());
+  const auto st = pair_arg(stride, op, "stride"), pd = pair_arg(padding, op, "padding"),
+             dl = pair_arg(dilation, op, "dilation");
+  TORCH_CHECK(st[0] > 0 && st[1] > 0, "fastlayers.", op,
+              ": non-positive stride is not supported, got stride=", stride);
+  TORCH_CHECK(pd[0] >= 0 && pd[1] >= 0, "fastlayers.", op,
+              ": negative padding is not supported, got padding=", padding);
+  TORCH_CHECK(dl[0] > 0 && dl[1] > 0, "fastlayers.", op,
+              ": non-positive dilation is not supported, got dilation=", dilation);
+  TORCH_CHECK(groups > 0, "fastlayers.", op, ": non-positive groups is not supported, got groups=",
+              groups);
+  ConvShape s;
+  s.N = input.size(0); s.C = input.size(1); s.H = input.size(2); s.W = input.size(3);
+  s.K = weight.size(0); s.R = weight.size(2); s.S = weight.size(3);
+  s.sH = st[0]; s.sW = st[1]; s.pH = pd[0]; s.pW = pd[1]; s.dH = dl[0]; s.dW = dl[1];
+  s.G = groups;
+  TORCH_CHECK(s.K >= groups, "fastlayers.", op, ": Given groups=", groups,
+              ", expected weight to be at least ", groups, " at dimension 0, but got weight of size ",
+              weight.sizes(), " instead");
+  TORCH_CHECK(s.K % groups == 0, "fastlayers.", op, ": Given groups=", groups,
+              ", expected weight to be divisible by ", groups,
+              " at dimension 0, but got weight of size ", weight.sizes(), " instead");
+  TORCH_CHECK(s.C == weight.size(1) * groups, "fastlayers.", op, ": Given groups=", groups,
+              ", weight of size ", weight.sizes(), ", expected input", input.sizes(), " to have ",
+              weight.size(1) * groups, " channels, but got ", s.C, " channels instead");
+  TORCH_CHECK(s.R > 0 && s.S > 0, "fastlayers.", op,
+              ": kernel size must be positive, but got weight of size ", weight.sizes());
+  const int64_t padH = s.H + 2 * s.pH, padW = s.W + 2 * s.pW;
+  const int64_t kH = s.dH * (s.R - 1) + 1, kW = s.dW * (s.S - 1) + 1;
+  TORCH_CHECK(padH >= kH && padW >= kW, "fastlayers.", op,
+              ": Calculated padded input size per channel: (", padH, " x ", padW,
+              "). Kernel size: (", kH, " x ", kW,
+              "). Kernel size can't be greater than actual input size");
+  TORCH_CHECK(s.N == 0 || s.C == 0 || (s.H > 0 && s.W > 0), "fastlayers.", op,
+              ": Only zero batch or zero channel inputs are supported, but got input shape: ",
+              input.sizes());
+  s.P = (padH - kH) / s.sH + 1;
+  s.Q = (padW - kW) / s.sW + 1;
+  s.Cg = s.C / groups;
+  s.Kg = s.K / groups;
+  return s;
+}
+
+bool use_channels_last(const at::Tensor& input, const at::Tensor& weight) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+         weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// --------------------------------------------------------------------- ops
+
+at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvShape s = check_conv(input, weight, stride, padding, dilation, groups, "conv2d");
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor b;
+  if (has_bias) {
+    check_same(input, *bias, "conv2d", "input", "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.K, "fastlayers.conv2d: Given weight of size ",
+                weight.sizes(), ", expected bias to be 1-dimensional with ", s.K,
+                " elements, but got bias of size ", bias->sizes(), " instead");
+    b = bias->contiguous();
+  }
+  const bool cl = use_channels_last(input, weight);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({s.N, s.K, s.P, s.Q}, input.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor x = input.contiguous(fmt);
+  // Cg == 1: [K, 1, R, S] is the same memory in both formats.
+  const at::Tensor w = s.Cg == 1 ? weight.contiguous() : weight.contiguous(fmt);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_forward", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    if (s.Cg == 1) {
+      if (cl) cpu::direct_forward_nhwc(s, xp, wp, bp, yp);
+      else cpu::direct_forward_nchw(s, xp, wp, bp, yp);
+    } else {
+      forward_gemm(s, cl, xp, wp, bp, yp);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> mask) {
+  const char* op = "conv2d_backward";
+  const ConvShape s = check_conv(input, weight, stride, padding, dilation, groups, op);
+  check_same(input, grad_output, op, "input", "grad_output");
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == s.N && grad_output.size(1) == s.K &&
+                  grad_output.size(2) == s.P && grad_output.size(3) == s.Q,
+              "fastlayers.", op, ": grad_output has size ", grad_output.sizes(), ", expected [",
+              s.N, ", ", s.K, ", ", s.P, ", ", s.Q, "]");
+  const bool cl = use_channels_last(input, weight);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool direct = s.Cg == 1;
+  const bool work = s.N > 0 && s.P > 0 && s.Q > 0;
+  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  at::Tensor dy, x, w;
+  if (work) dy = grad_output.contiguous(fmt);
+
+  if (mask[0]) {
+    const auto opts = input.options().memory_format(fmt);
+    const bool overwrite = work && (direct || s.pointwise()) && s.C > 0;
+    // (at::zeros would drop the memory format.)
+    gi = at::empty({s.N, s.C, s.H, s.W}, opts);
+    if (!overwrite) gi.zero_();
+    if (work && s.C > 0) {
+      w = direct ? weight.contiguous() : weight.contiguous(fmt);
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_grad_input", [&] {
+        const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+        const scalar_t* wp = w.const_data_ptr<scalar_t>();
+        scalar_t* dxp = gi.mutable_data_ptr<scalar_t>();
+        if (direct) {
+          if (cl) cpu::direct_grad_input_nhwc(s, dyp, wp, dxp);
+          else cpu::direct_grad_input_nchw(s, dyp, wp, dxp);
+        } else {
+          grad_input_gemm(s, cl, dyp, wp, dxp);
+        }
+      });
+    }
+  }
+
+  if (mask[1]) {
+    // Same strides as weight when it is dense, else its suggested memory format.
+    gw = at::empty_like(weight);
+    if (!work) gw.zero_();
+    if (work && gw.numel() > 0) {
+      x = input.contiguous(fmt);
+      // The kernels write [K, Cg, R, S] in the path's layout (NHWC path: [K, R, S, Cg]).
+      const auto kfmt = direct ? at::MemoryFormat::Contiguous : fmt;
+      at::Tensor buf = gw.is_contiguous(kfmt) ? gw
+                                              : at::empty(weight.sizes(),
+                                                          weight.options().memory_format(kfmt));
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_grad_weight", [&] {
+        const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* dwp = buf.mutable_data_ptr<scalar_t>();
+        if (direct) {
+          if (cl) cpu::direct_grad_weight_nhwc(s, dyp, xp, dwp);
+          else cpu::direct_grad_weight_nchw(s, dyp, xp, dwp);
+        } else {
+          grad_weight_gemm(s, cl, dyp, xp, dwp);
+        }
+      });
+      if (!buf.is_same(gw)) gw.copy_(buf);
+    }
+  }
+
+  if (mask[2]) {
+    gb = at::zeros({s.K}, weight.options());
+    if (work) {
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_grad_bias", [&] {
+        grad_bias(s, cl, dy.const_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>());
+      });
+    }
+  }
+  return {gi, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
+  m.impl("conv2d_forward", &conv2d_forward);
+  m.impl("conv2d_backward", &conv2d_backward);
+}
+
+}  // namespace fastlayers

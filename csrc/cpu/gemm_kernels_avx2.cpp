@@ -1,0 +1,163 @@
+// AVX2+FMA GEMM micro-kernels (see gemm_kernels.h for the contract).
+//   float : 6 x 16 tile = 12 ymm accumulators (6 rows x 2 vectors of 8)
+//   double: 6 x 8  tile = 12 ymm accumulators (6 rows x 2 vectors of 4)
+// Per k: two vector loads of B, six broadcasts of A, twelve FMAs. The
+// accumulators are named variables (an array would be spilled by gcc).
+// Also: an 8x8 register transpose used to pack B slivers from a transposed
+// source (Linear forward: B = W^T).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemm_kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace fastlayers::cpu::gemm_detail {
+namespace {
+
+struct F32 {
+  using T = float;
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+
+struct F64 {
+  using T = double;
+  using V = __m256d;
+  static constexpr int W = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+};
+
+#define FL_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+// 6 x (2 * W) tile. kPackedA: A is a packed sliver (compile-time offsets).
+template <class S, bool kPackedA>
+void kernel_6x2(const Tile<typename S::T>& t) {
+  using T = typename S::T;
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int64_t a_rs = kPackedA ? 1 : t.a_rs;
+  const int64_t a_ks = kPackedA ? 6 : t.a_ks;
+  const int64_t b_ks = t.b_ks;
+  const T* a = t.A;
+  const T* b = t.B;
+  T* C = t.C;
+  const int64_t ldc = t.ldc;
+
+#define FL_DECL(r) V c##r##0 = S::zero(), c##r##1 = S::zero();
+  FL_ROWS6(FL_DECL)
+#undef FL_DECL
+#define FL_PREF(r) _mm_prefetch(reinterpret_cast<const char*>(C + (r) * ldc), _MM_HINT_T0); \
+  _mm_prefetch(reinterpret_cast<const char*>(C + (r) * ldc + 2 * W - 1), _MM_HINT_T0);
+  FL_ROWS6(FL_PREF)
+#undef FL_PREF
+
+#define FL_STEP(r)                          \
+  {                                         \
+    const V ar = S::bcast(a + (r) * a_rs);  \
+    c##r##0 = S::fma(ar, b0, c##r##0);      \
+    c##r##1 = S::fma(ar, b1, c##r##1);      \
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < t.kc; ++k) {
+    const V b0 = S::load(b), b1 = S::load(b + W);
+    FL_ROWS6(FL_STEP)
+    a += a_ks;
+    b += b_ks;
+  }
+#undef FL_STEP
+
+  V bn0 = S::zero(), bn1 = S::zero();
+  if (t.bias_n) { bn0 = S::load(t.bias_n); bn1 = S::load(t.bias_n + W); }
+#define FL_STORE(r)                                                  \
+  {                                                                  \
+    T* cr = C + (r) * ldc;                                           \
+    V v0 = c##r##0, v1 = c##r##1;                                    \
+    if (t.beta) { v0 = S::add(v0, S::load(cr)); v1 = S::add(v1, S::load(cr + W)); } \
+    if (t.bias_n) { v0 = S::add(v0, bn0); v1 = S::add(v1, bn1); }   \
+    if (t.bias_m) {                                                  \
+      const V bm = S::bcast(t.bias_m + (r));                         \
+      v0 = S::add(v0, bm); v1 = S::add(v1, bm);                      \
+    }                                                                \
+    S::store(cr, v0); S::store(cr + W, v1);                          \
+  }
+  FL_ROWS6(FL_STORE)
+#undef FL_STORE
+}
+#undef FL_ROWS6
+
+}  // namespace
+
+// dst[k * nr + j] = src[j * ld + k] for j < nr (a multiple of 8), k < kc.
+void pack_b_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst) {
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int h = 0; h < nr / 8; ++h) {  // 8x8 blocks: columns j = 8h .. 8h+7
+      const float* s = src + (8 * h) * ld + k;
+      __m256 r0 = _mm256_loadu_ps(s + 0 * ld), r1 = _mm256_loadu_ps(s + 1 * ld);
+      __m256 r2 = _mm256_loadu_ps(s + 2 * ld), r3 = _mm256_loadu_ps(s + 3 * ld);
+      __m256 r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld);
+      __m256 r6 = _mm256_loadu_ps(s + 6 * ld), r7 = _mm256_loadu_ps(s + 7 * ld);
+      __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+      __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+      __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+      __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* d = dst + k * nr + 8 * h;
+      _mm256_storeu_ps(d + 0 * nr, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + 1 * nr, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * nr, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * nr, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * nr, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * nr, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * nr, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * nr, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+  for (; k < kc; ++k)
+    for (int j = 0; j < nr; ++j) dst[k * nr + j] = src[j * ld + k];
+}
+
+}  // namespace fastlayers::cpu::gemm_detail
+
+#pragma GCC pop_options
+
+// The kernel tables are built with baseline flags (safe on any CPU).
+namespace fastlayers::cpu::gemm_detail {
+
+KernelSet<float> avx2_kernels_f32() {
+  KernelSet<float> s;
+  s.MR = 6; s.NR = 16;
+  s.MC = 144; s.KC = 256; s.NC = 4080;
+  s.packed_a = &kernel_6x2<F32, true>;
+  s.strided_a = &kernel_6x2<F32, false>;
+  s.pack_b_t = &pack_b_t_f32_avx2;
+  return s;
+}
+
+KernelSet<double> avx2_kernels_f64() {
+  KernelSet<double> s;
+  s.MR = 6; s.NR = 8;
+  s.MC = 72; s.KC = 256; s.NC = 4080;
+  s.packed_a = &kernel_6x2<F64, true>;
+  s.strided_a = &kernel_6x2<F64, false>;
+  return s;
+}
+
+}  // namespace fastlayers::cpu::gemm_detail

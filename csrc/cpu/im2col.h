@@ -1,0 +1,147 @@
+// Tiled im2col / col2im for one image and one group, over a tile [p0, p1) of
+// output pixels (pixel p = oh * Q + ow), so the column buffer stays bounded.
+//
+// NCHW layout: col is [Cg*R*S, p1 - p0] (row (c*R + r)*S + s holds input
+//   pixel (oh*sH - pH + r*dH, ow*sW - pW + s*dW) of channel c for each output
+//   pixel of the tile; zero where that lies in the padding).
+// NHWC layout: col is [p1 - p0, R*S*Cg] (row = output pixel, column
+//   (r*S + s)*Cg + c), so each (r, s) is a contiguous copy of Cg channels.
+// col2im is the adjoint: it ADDS col back into the (pre-zeroed) input
+// gradient. The loops parallelise over channels (disjoint writes); inside an
+// outer parallel region they run inline.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "conv2d.h"
+
+namespace fastlayers::cpu {
+
+// x: channel 0 of this group in image n (channel planes H*W apart).
+template <typename T>
+void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col) {
+  const int64_t ld = p1 - p0, RS = s.RS();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * ld));
+  at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* xc = x + c * s.HW();
+      for (int64_t r = 0; r < s.R; ++r) {
+        for (int64_t q = 0; q < s.S; ++q) {
+          T* dst = col + ((c * s.R + r) * s.S + q) * ld;
+          const int64_t off = q * s.dW - s.pW;
+          int64_t lo, hi;
+          valid_range(off, s.sW, s.W, s.Q, lo, hi);
+          for (int64_t p = p0; p < p1;) {
+            const int64_t oh = p / s.Q, ow0 = p % s.Q;
+            const int64_t ow1 = std::min(s.Q, ow0 + (p1 - p));
+            const int64_t ih = oh * s.sH - s.pH + r * s.dH;
+            if (ih < 0 || ih >= s.H) {
+              std::fill(dst, dst + (ow1 - ow0), T(0));
+            } else {
+              const T* xr = xc + ih * s.W + off;
+              const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
+              T* d = dst - ow0;
+              for (int64_t ow = ow0; ow < a; ++ow) d[ow] = T(0);
+              if (s.sW == 1) {
+                for (int64_t ow = a; ow < b; ++ow) d[ow] = xr[ow];
+              } else {
+                for (int64_t ow = a; ow < b; ++ow) d[ow] = xr[ow * s.sW];
+              }
+              for (int64_t ow = b; ow < ow1; ++ow) d[ow] = T(0);
+            }
+            dst += ow1 - ow0;
+            p += ow1 - ow0;
+          }
+        }
+      }
+    }
+  });
+}
+
+// dx: channel 0 of this group in image n; dx += col2im(col).
+template <typename T>
+void col2im_nchw(const ConvShape& s, const T* col, int64_t p0, int64_t p1, T* dx) {
+  const int64_t ld = p1 - p0, RS = s.RS();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * ld));
+  at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* dxc = dx + c * s.HW();
+      for (int64_t r = 0; r < s.R; ++r) {
+        for (int64_t q = 0; q < s.S; ++q) {
+          const T* src = col + ((c * s.R + r) * s.S + q) * ld;
+          const int64_t off = q * s.dW - s.pW;
+          int64_t lo, hi;
+          valid_range(off, s.sW, s.W, s.Q, lo, hi);
+          for (int64_t p = p0; p < p1;) {
+            const int64_t oh = p / s.Q, ow0 = p % s.Q;
+            const int64_t ow1 = std::min(s.Q, ow0 + (p1 - p));
+            const int64_t ih = oh * s.sH - s.pH + r * s.dH;
+            if (ih >= 0 && ih < s.H) {
+              T* xr = dxc + ih * s.W + off;
+              const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
+              const T* sp = src - ow0;
+              if (s.sW == 1) {
+                for (int64_t ow = a; ow < b; ++ow) xr[ow] += sp[ow];
+              } else {
+                for (int64_t ow = a; ow < b; ++ow) xr[ow * s.sW] += sp[ow];
+              }
+            }
+            src += ow1 - ow0;
+            p += ow1 - ow0;
+          }
+        }
+      }
+    }
+  });
+}
+
+// x: image n at channel g*Cg (pixels C apart). Parallel over pixels.
+template <typename T>
+void im2col_nhwc(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col) {
+  const int64_t Cg = s.Cg, ld = s.RS() * Cg;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, ld));
+  at::parallel_for(p0, p1, grain, [&](int64_t pa, int64_t pb) {
+    for (int64_t p = pa; p < pb; ++p) {
+      const int64_t oh = p / s.Q, ow = p % s.Q;
+      T* dst = col + (p - p0) * ld;
+      for (int64_t r = 0; r < s.R; ++r) {
+        const int64_t ih = oh * s.sH - s.pH + r * s.dH;
+        for (int64_t q = 0; q < s.S; ++q, dst += Cg) {
+          const int64_t iw = ow * s.sW - s.pW + q * s.dW;
+          if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) {
+            std::fill(dst, dst + Cg, T(0));
+          } else {
+            std::memcpy(dst, x + (ih * s.W + iw) * s.C, sizeof(T) * Cg);
+          }
+        }
+      }
+    }
+  });
+}
+
+// dx: image n at channel g*Cg; dx += col2im(col). Pixels of a tile overlap in
+// dx, so this parallelises over blocks of channels instead.
+template <typename T>
+void col2im_nhwc(const ConvShape& s, const T* col, int64_t p0, int64_t p1, T* dx) {
+  const int64_t Cg = s.Cg, ld = s.RS() * Cg;
+  const int64_t cgrain = std::max<int64_t>(16, Cg / std::max(1, at::get_num_threads()));
+  at::parallel_for(0, Cg, cgrain, [&](int64_t c0, int64_t c1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t oh = p / s.Q, ow = p % s.Q;
+      const T* src = col + (p - p0) * ld;
+      for (int64_t r = 0; r < s.R; ++r) {
+        const int64_t ih = oh * s.sH - s.pH + r * s.dH;
+        for (int64_t q = 0; q < s.S; ++q, src += Cg) {
+          const int64_t iw = ow * s.sW - s.pW + q * s.dW;
+          if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
+          T* d = dx + (ih * s.W + iw) * s.C;
+          for (int64_t c = c0; c < c1; ++c) d[c] += src[c];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace fastlayers::cpu

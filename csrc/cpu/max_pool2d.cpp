@@ -1,0 +1,449 @@
+// MaxPool2d on the CPU (4-D input, NCHW or channels-last), same results as
+// torch.nn.functional.max_pool2d(..., return_indices=True).
+//
+// Forward keeps, per output, the offset of the max INSIDE its window
+// (kh * kW + kw; uint8 when kH * kW <= 256, else int32) instead of torch's
+// int64 flat input index. Max rule as torch: running max starts at -inf with
+// the offset of the first window position inside the input, an element wins
+// when (v > max) || isnan(v) (first max wins ties, the last NaN wins).
+//   NCHW, float, SIMD: a band of input rows is copied into a buffer padded
+//     with -inf, then SIMD across output columns (max_pool2d_simd.h).
+//   channels-last, float, SIMD: per output pixel, SIMD across channels.
+//   scalar path (ISA "scalar" and float64): the plain loop below.
+// A window with no element inside the input (possible with dilation, e.g.
+// H = 1, k = 2, d = 2, p = 1) gives -inf with the offset torch's rule gives
+// (first window position at or after row/column 0, which lies past the input);
+// max_pool2d_indices maps it to the same index torch reports, and backward
+// sends no gradient from such an output (torch would write out of bounds).
+//
+// Backward: grad_input = 0, then each grad_output is added at its argmax.
+// Deterministic without atomics: one thread owns each (n, c) plane (NCHW) or
+// each (n, channel block) (channels-last) and walks it in order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "isa.h"
+#include "max_pool2d_kernels.h"
+
+namespace fastlayers {
+namespace {
+
+using cpu::PoolPixelArgs;
+using cpu::PoolRowsArgs;
+
+struct Geom {
+  int64_t N, C, H, W, OH, OW;
+  int64_t kH, kW, sH, sW, pH, pW, dH, dW;
+  int64_t taps() const { return kH * kW; }
+  bool off32() const { return taps() > 256; }
+};
+
+int64_t div_floor(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// torch's pooling_output_shape (incl. the ceil_mode rule: the last window
+// must start inside the input or the left padding).
+int64_t out_size(int64_t in, int64_t k, int64_t p, int64_t s, int64_t d, bool ceil_mode) {
+  int64_t o = div_floor(in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0), s) + 1;
+  if (ceil_mode && (o - 1) * s >= in + p) --o;
+  return o;
+}
+
+void check_params(at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                  const char* op) {
+  TORCH_CHECK(k.size() == 2 && s.size() == 2 && p.size() == 2 && d.size() == 2, "fastlayers.", op,
+              ": kernel_size, stride, padding and dilation must have 2 elements each");
+  TORCH_CHECK(k[0] > 0 && k[1] > 0, "fastlayers.", op,
+              ": kernel size should be greater than zero, but got kH: ", k[0], " kW: ", k[1]);
+  TORCH_CHECK(s[0] != 0 && s[1] != 0, "fastlayers.", op, ": stride should not be zero");
+  TORCH_CHECK(s[0] > 0 && s[1] > 0, "fastlayers.", op,
+              ": stride should be greater than zero, but got dH: ", s[0], " dW: ", s[1]);
+  TORCH_CHECK(d[0] > 0 && d[1] > 0, "fastlayers.", op,
+              ": dilation should be greater than zero, but got dilationH: ", d[0],
+              " dilationW: ", d[1]);
+  TORCH_CHECK(p[0] >= 0 && p[1] >= 0, "fastlayers.", op, ": pad must be non-negative, but got pad: ",
+              p[0] < 0 ? p[0] : p[1]);
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK(p[i] <= ((k[i] - 1) * d[i] + 1) / 2, "fastlayers.", op,
+                ": pad should be at most half of effective kernel size, but got pad=", p[i],
+                ", kernel_size=", k[i], " and dilation=", d[i]);
+  TORCH_CHECK(k[1] / 2 >= p[1] && k[0] / 2 >= p[0], "fastlayers.", op,
+              ": pad should be smaller than or equal to half of kernel size, but got padW = ", p[1],
+              ", padH = ", p[0], ", kW = ", k[1], ", kH = ", k[0]);
+}
+
+Geom make_geom(at::IntArrayRef size, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
+               at::IntArrayRef d) {
+  Geom g;
+  g.N = size[0]; g.C = size[1]; g.H = size[2]; g.W = size[3];
+  g.kH = k[0]; g.kW = k[1]; g.sH = s[0]; g.sW = s[1];
+  g.pH = p[0]; g.pW = p[1]; g.dH = d[0]; g.dW = d[1];
+  return g;
+}
+
+// First kernel index whose position (start + k * d) is >= 0 (torch's while loop).
+inline int64_t first_k(int64_t start, int64_t d) { return start >= 0 ? 0 : (-start + d - 1) / d; }
+
+// ---- forward, scalar path (also float64) ---------------------------------
+
+template <typename T, typename O>
+void forward_plane_scalar(const T* in, T* out, O* off, const Geom& g) {
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    const int64_t h0 = oh * g.sH - g.pH, kh0 = first_k(h0, g.dH);
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const int64_t w0 = ow * g.sW - g.pW, kw0 = first_k(w0, g.dW);
+      T m = -std::numeric_limits<T>::infinity();
+      int64_t idx = kh0 * g.kW + kw0;
+      for (int64_t kh = kh0; kh < g.kH; ++kh) {
+        const int64_t ih = h0 + kh * g.dH;
+        if (ih >= g.H) break;
+        for (int64_t kw = kw0; kw < g.kW; ++kw) {
+          const int64_t iw = w0 + kw * g.dW;
+          if (iw >= g.W) break;
+          const T v = in[ih * g.W + iw];
+          if (v > m || std::isnan(v)) { m = v; idx = kh * g.kW + kw; }
+        }
+      }
+      out[oh * g.OW + ow] = m;
+      off[oh * g.OW + ow] = static_cast<O>(idx);
+    }
+  }
+}
+
+// Channels-last scalar: one output pixel, all channels.
+template <typename T, typename O>
+void forward_pixel_scalar(const T* in, int64_t C, const int64_t* tap, const int32_t* tap_o,
+                          int64_t ntaps, int32_t init, T* out, O* off) {
+  for (int64_t c = 0; c < C; ++c) {
+    T m = -std::numeric_limits<T>::infinity();
+    int32_t idx = init;
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const T v = in[tap[t] + c];
+      if (v > m || std::isnan(v)) { m = v; idx = tap_o[t]; }
+    }
+    out[c] = m;
+    off[c] = static_cast<O>(idx);
+  }
+}
+
+// ---- forward drivers -----------------------------------------------------
+
+template <typename T, typename O>
+void forward_nchw_scalar(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g) {
+  const T* x = in.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  O* o = static_cast<O*>(off.data_ptr());
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl)
+      forward_plane_scalar<T, O>(x + pl * g.H * g.W, y + pl * g.OH * g.OW, o + pl * g.OH * g.OW, g);
+  });
+}
+
+// NCHW float SIMD: work items are (plane, band of output rows); each thread
+// copies the band's input rows into a -inf padded buffer and runs the ISA kernel.
+void forward_nchw_simd(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g,
+                       cpu::Isa isa) {
+  constexpr int64_t kMaxLanes = 16;
+  const int64_t OWv = (g.OW + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
+  const int64_t ldb = OWv * g.sW + (g.kW - 1) * g.dW + 2 * kMaxLanes;
+  const int64_t effH = (g.kH - 1) * g.dH + 1;
+  // Band height: buffer around 64 KiB, and enough items to feed the threads.
+  int64_t band = std::max<int64_t>(1, ((16384 / ldb) - effH) / g.sH + 1);
+  band = std::min(band, g.OH);
+  const int64_t planes = g.N * g.C;
+  const int64_t want = 4 * at::get_num_threads();
+  if (planes * ((g.OH + band - 1) / band) < want) {
+    const int64_t nb = std::min(g.OH, (want + planes - 1) / planes);
+    band = (g.OH + nb - 1) / nb;
+  }
+  const int64_t nbands = (g.OH + band - 1) / band;
+  const int64_t buf_rows = (band - 1) * g.sH + effH;
+
+  std::vector<int32_t> kw0(OWv), kh0(g.OH);
+  for (int64_t ow = 0; ow < OWv; ++ow)
+    kw0[ow] = static_cast<int32_t>(first_k(ow * g.sW - g.pW, g.dW));
+  for (int64_t oh = 0; oh < g.OH; ++oh)
+    kh0[oh] = static_cast<int32_t>(first_k(oh * g.sH - g.pH, g.dH) * g.kW);
+
+  const float* x = in.const_data_ptr<float>();
+  float* y = out.mutable_data_ptr<float>();
+  char* o = static_cast<char*>(off.data_ptr());
+  const int64_t osz = off.element_size();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  auto kernel = isa == cpu::Isa::Avx512 ? &cpu::max_pool2d_rows_avx512 : &cpu::max_pool2d_rows_avx2;
+
+  at::parallel_for(0, planes * nbands, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(buf_rows * ldb);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t pl = item / nbands, oh0 = (item % nbands) * band;
+      const int64_t nrows = std::min(band, g.OH - oh0);
+      const float* xp = x + pl * g.H * g.W;
+      const int64_t rows = (nrows - 1) * g.sH + effH;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* br = buf.data() + r * ldb;
+        const int64_t ih = oh0 * g.sH - g.pH + r;
+        if (ih < 0 || ih >= g.H) {
+          std::fill(br, br + ldb, ninf);
+          continue;
+        }
+        std::fill(br, br + g.pW, ninf);
+        std::copy(xp + ih * g.W, xp + (ih + 1) * g.W, br + g.pW);
+        std::fill(br + g.pW + g.W, br + ldb, ninf);
+      }
+      PoolRowsArgs a;
+      a.buf = buf.data(); a.ldb = ldb; a.nrows = nrows;
+      a.OW = g.OW; a.kH = g.kH; a.kW = g.kW; a.sH = g.sH; a.sW = g.sW; a.dH = g.dH; a.dW = g.dW;
+      a.kh0 = kh0.data() + oh0;
+      a.kw0 = kw0.data();
+      a.out = y + pl * g.OH * g.OW + oh0 * g.OW;
+      a.ldo = g.OW;
+      a.off = o + (pl * g.OH * g.OW + oh0 * g.OW) * osz;
+      a.off32 = g.off32();
+      kernel(a);
+    }
+  });
+}
+
+// Channels-last: items are (n, output row); per pixel the valid taps are
+// listed, then the channel loop runs (SIMD or scalar).
+template <typename T, typename O>
+void forward_cl(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g,
+                cpu::Isa isa) {
+  const T* x = in.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  O* o = static_cast<O*>(off.data_ptr());
+  const int64_t C = g.C;
+  const bool simd = std::is_same_v<T, float> && isa != cpu::Isa::Scalar;
+  auto pixel = isa == cpu::Isa::Avx512 ? &cpu::max_pool2d_pixel_avx512 : &cpu::max_pool2d_pixel_avx2;
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> tap(g.taps());
+    std::vector<int32_t> tap_o(g.taps());
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / g.OH, oh = item % g.OH;
+      const int64_t h0 = oh * g.sH - g.pH, kh0 = first_k(h0, g.dH);
+      const T* xn = x + n * g.H * g.W * C;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const int64_t w0 = ow * g.sW - g.pW, kw0 = first_k(w0, g.dW);
+        int64_t nt = 0;
+        for (int64_t kh = kh0; kh < g.kH; ++kh) {
+          const int64_t ih = h0 + kh * g.dH;
+          if (ih >= g.H) break;
+          for (int64_t kw = kw0; kw < g.kW; ++kw) {
+            const int64_t iw = w0 + kw * g.dW;
+            if (iw >= g.W) break;
+            tap[nt] = (ih * g.W + iw) * C;
+            tap_o[nt++] = static_cast<int32_t>(kh * g.kW + kw);
+          }
+        }
+        const int32_t init = static_cast<int32_t>(kh0 * g.kW + kw0);
+        const int64_t pix = (item * g.OW + ow) * C;
+        if constexpr (std::is_same_v<T, float>) {
+          if (simd) {
+            PoolPixelArgs a{xn, C, tap.data(), tap_o.data(), nt, init, y + pix, o + pix, g.off32()};
+            pixel(a);
+            continue;
+          }
+        }
+        forward_pixel_scalar<T, O>(xn, C, tap.data(), tap_o.data(), nt, init, y + pix, o + pix);
+      }
+    }
+  });
+}
+
+void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.dim() == 4, "fastlayers.", op, ": expected a 4-D (N, C, H, W) input, got ",
+              input.dim(), "-D input of shape ", input.sizes());
+  check_float_dtype(input, op, "input");
+  TORCH_CHECK(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, "fastlayers.", op,
+              ": Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, "
+              "but got:", input.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
+                                                      at::IntArrayRef k, at::IntArrayRef s,
+                                                      at::IntArrayRef p, at::IntArrayRef d,
+                                                      bool ceil_mode) {
+  const char* op = "max_pool2d";
+  check_input(input_, op);
+  check_params(k, s, p, d, op);
+  Geom g = make_geom(input_.sizes(), k, s, p, d);
+  g.OH = out_size(g.H, g.kH, g.pH, g.sH, g.dH, ceil_mode);
+  g.OW = out_size(g.W, g.kW, g.pW, g.sW, g.dW, ceil_mode);
+  TORCH_CHECK(g.OH >= 1 && g.OW >= 1, "fastlayers.", op, ": Given input size: (", g.C, "x", g.H,
+              "x", g.W, "). Calculated output size: (", g.C, "x", g.OH, "x", g.OW,
+              "). Output size is too small");
+
+  const auto fmt = input_.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor input = input_.contiguous(fmt);
+  auto opts = input.options().memory_format(fmt);
+  at::Tensor out = at::empty({g.N, g.C, g.OH, g.OW}, opts);
+  at::Tensor off = at::empty({g.N, g.C, g.OH, g.OW}, opts.dtype(g.off32() ? at::kInt : at::kByte));
+  if (out.numel() == 0) return {out, off};
+
+  const cpu::Isa isa = cpu::active_isa();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_max_pool2d", [&] {
+    auto run = [&](auto o_tag) {
+      using O = decltype(o_tag);
+      if (cl) forward_cl<scalar_t, O>(input, out, off, g, isa);
+      else if (std::is_same_v<scalar_t, float> && isa != cpu::Isa::Scalar)
+        forward_nchw_simd(input, out, off, g, isa);
+      else forward_nchw_scalar<scalar_t, O>(input, out, off, g);
+    };
+    if (g.off32()) run(int32_t{});
+    else run(uint8_t{});
+  });
+  return {out, off};
+}
+
+// ---- backward -------------------------------------------------------------
+
+void check_offsets(const at::Tensor& off, const Geom& g, const char* op) {
+  const auto want = g.off32() ? at::kInt : at::kByte;
+  TORCH_CHECK(off.scalar_type() == want, "fastlayers.", op, ": offsets must have dtype ", want,
+              " for a ", g.kH, "x", g.kW, " window, got ", off.scalar_type());
+  TORCH_CHECK(off.dim() == 4, "fastlayers.", op, ": offsets must be 4-D, got ", off.sizes());
+}
+
+template <typename T, typename O>
+void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, const Geom& g,
+                   bool cl) {
+  const T* dy = go.const_data_ptr<T>();
+  const O* of = static_cast<const O*>(off.const_data_ptr());
+  T* dx = gi.mutable_data_ptr<T>();
+  std::vector<int64_t> dh(g.taps()), dw(g.taps());  // window offset -> (kh * dH, kw * dW)
+  for (int64_t t = 0; t < g.taps(); ++t) {
+    dh[t] = (t / g.kW) * g.dH;
+    dw[t] = (t % g.kW) * g.dW;
+  }
+  const int64_t ntaps = g.taps();
+  // An offset is used only when it names a position inside the input.
+  auto target = [&](int64_t oh, int64_t ow, int64_t t) -> int64_t {
+    if (t < 0 || t >= ntaps) return -1;
+    const int64_t ih = oh * g.sH - g.pH + dh[t], iw = ow * g.sW - g.pW + dw[t];
+    if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return -1;
+    return ih * g.W + iw;
+  };
+  if (!cl) {
+    at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t pl = b; pl < e; ++pl) {
+        T* x = dx + pl * g.H * g.W;
+        std::fill(x, x + g.H * g.W, T(0));
+        const T* y = dy + pl * g.OH * g.OW;
+        const O* o = of + pl * g.OH * g.OW;
+        for (int64_t oh = 0; oh < g.OH; ++oh)
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            const int64_t i = oh * g.OW + ow, tgt = target(oh, ow, o[i]);
+            if (tgt >= 0) x[tgt] += y[i];
+          }
+      }
+    });
+    return;
+  }
+  // Channels-last: items are (n, block of channels).
+  const int64_t C = g.C;
+  int64_t cb = C;
+  const int64_t want = 4 * at::get_num_threads();
+  if (g.N < want) cb = std::max<int64_t>(16, (C * g.N + want - 1) / want);
+  const int64_t nblk = (C + cb - 1) / cb;
+  at::parallel_for(0, g.N * nblk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / nblk, c0 = (item % nblk) * cb, c1 = std::min(C, c0 + cb);
+      T* x = dx + n * g.H * g.W * C;
+      for (int64_t px = 0; px < g.H * g.W; ++px) std::fill(x + px * C + c0, x + px * C + c1, T(0));
+      for (int64_t oh = 0; oh < g.OH; ++oh)
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t base = ((n * g.OH + oh) * g.OW + ow) * C;
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t tgt = target(oh, ow, of[base + c]);
+            if (tgt >= 0) x[tgt * C + c] += dy[base + c];
+          }
+        }
+    }
+  });
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& offsets,
+                               at::IntArrayRef input_size, at::IntArrayRef k, at::IntArrayRef s,
+                               at::IntArrayRef p, at::IntArrayRef d, bool channels_last) {
+  const char* op = "max_pool2d_backward";
+  check_params(k, s, p, d, op);
+  TORCH_CHECK(input_size.size() == 4, "fastlayers.", op, ": input_size must have 4 elements");
+  check_float_dtype(grad_output, op, "grad_output");
+  Geom g = make_geom(input_size, k, s, p, d);
+  check_offsets(offsets, g, op);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.sizes() == offsets.sizes() &&
+                  grad_output.size(0) == g.N && grad_output.size(1) == g.C,
+              "fastlayers.", op, ": grad_output ", grad_output.sizes(), " and offsets ",
+              offsets.sizes(), " must have the same shape [", g.N, ", ", g.C, ", OH, OW]");
+  TORCH_CHECK(g.N >= 0 && g.C >= 0 && g.H >= 0 && g.W >= 0, "fastlayers.", op,
+              ": bad input_size ", input_size);
+  g.OH = grad_output.size(2);
+  g.OW = grad_output.size(3);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor go = grad_output.contiguous(fmt), off = offsets.contiguous(fmt);
+  at::Tensor gi = at::empty({g.N, g.C, g.H, g.W}, grad_output.options().memory_format(fmt));
+  if (gi.numel() == 0) return gi;
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "fastlayers_max_pool2d_backward", [&] {
+    if (g.off32()) backward_impl<scalar_t, int32_t>(go, off, gi, g, channels_last);
+    else backward_impl<scalar_t, uint8_t>(go, off, gi, g, channels_last);
+  });
+  return gi;
+}
+
+// ---- offsets -> torch's int64 indices -------------------------------------
+
+template <typename O>
+void indices_impl(const at::Tensor& off, at::Tensor& idx, const Geom& g, bool cl) {
+  const O* o = static_cast<const O*>(off.const_data_ptr());
+  int64_t* r = idx.mutable_data_ptr<int64_t>();
+  const int64_t total = off.numel();
+  at::parallel_for(0, total, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t pix = cl ? i / g.C : i;  // position in [.., OH, OW] order
+      const int64_t ow = pix % g.OW, oh = (pix / g.OW) % g.OH;
+      const int64_t t = o[i];
+      const int64_t ih = oh * g.sH - g.pH + (t / g.kW) * g.dH;
+      const int64_t iw = ow * g.sW - g.pW + (t % g.kW) * g.dW;
+      r[i] = ih * g.W + iw;
+    }
+  });
+}
+
+at::Tensor max_pool2d_indices(const at::Tensor& offsets, int64_t input_width, at::IntArrayRef k,
+                              at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d) {
+  const char* op = "max_pool2d_indices";
+  check_params(k, s, p, d, op);
+  TORCH_CHECK(input_width > 0, "fastlayers.", op, ": input_width must be positive, got ",
+              input_width);
+  Geom g = make_geom({0, 0, 0, input_width}, k, s, p, d);
+  check_offsets(offsets, g, op);
+  g.N = offsets.size(0); g.C = offsets.size(1); g.OH = offsets.size(2); g.OW = offsets.size(3);
+  const auto fmt = offsets.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  at::Tensor off = offsets.contiguous(fmt);
+  at::Tensor idx = at::empty(off.sizes(), off.options().dtype(at::kLong).memory_format(fmt));
+  if (idx.numel() == 0) return idx;
+  if (g.off32()) indices_impl<int32_t>(off, idx, g, cl);
+  else indices_impl<uint8_t>(off, idx, g, cl);
+  return idx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
+  m.impl("max_pool2d_forward", &max_pool2d_forward);
+  m.impl("max_pool2d_backward", &max_pool2d_backward);
+  m.impl("max_pool2d_indices", &max_pool2d_indices);
+}
+
+}  // namespace fastlayers

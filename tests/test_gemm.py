@@ -1,0 +1,190 @@
+"""The shared GEMM core (csrc/cpu/gemm.cpp), on every ISA path this CPU runs.
+
+Reached through torch.ops.fastlayers.linear_forward / linear_backward and the
+test hook torch.ops.fastlayers_internal.gemm_ (any strides for A, B, C;
+accumulate; bias per row / per column).  References are float64 torch matmuls.
+"""
+import pytest
+import torch
+
+import fastlayers
+
+ops = torch.ops.fastlayers
+gemm_ = torch.ops.fastlayers_internal.gemm_
+
+ISAS = fastlayers._C.supported_isas()
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    fastlayers._C.set_isa(request.param)
+    yield request.param
+    fastlayers._C.set_isa("auto")
+
+
+def tol(dtype, k):
+    # |error| bound scale for sums of k products of O(1) numbers
+    return (2e-5 if dtype == torch.float32 else 1e-12) * (k + 4)
+
+
+def check(got, ref, k):
+    assert got.shape == ref.shape
+    assert got.dtype in DTYPES
+    if ref.numel():
+        err = (got.double() - ref).abs().max().item()
+        assert err <= tol(got.dtype, k), f"max abs error {err}"
+
+
+def randn(*shape, dtype):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def layout(t, kind):
+    """Same values as t, different strides."""
+    if kind == "contig":
+        return t
+    if kind == "t":  # column-major storage
+        return t.t().contiguous().t()
+    if kind == "sliced":  # non-unit column stride and padded rows
+        big = torch.zeros(t.shape[0] * 2 + 1, t.shape[1] * 3 + 2, dtype=t.dtype)
+        v = big[1::2, 2::3][: t.shape[0], : t.shape[1]]
+        v.copy_(t)
+        return v
+    raise AssertionError(kind)
+
+
+# Shapes around the blocking parameters of every kernel set: MR in {4, 6, 14},
+# NR in {8, 16, 32}, KC = 256, MC in {70, 72, 128, 140, 144}.
+SHAPES = [
+    (1, 1, 1), (1, 7, 3), (5, 1, 9), (2, 3, 1), (6, 16, 8), (7, 17, 5), (13, 31, 29),
+    (14, 32, 256), (15, 33, 257), (4, 8, 255), (29, 47, 2), (64, 64, 64), (97, 129, 131),
+    (145, 65, 300), (141, 100, 513), (3, 200, 700), (300, 5, 100), (73, 257, 70),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_linear_forward_shapes(isa, dtype, M, N, K):
+    x, w, b = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(N, dtype=dtype)
+    ref = x.double() @ w.double().t()
+    check(ops.linear_forward(x, w, None), ref, K)
+    check(ops.linear_forward(x, w, b), ref + b.double(), K)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0), (0, 3, 0)])
+def test_linear_empty(isa, dtype, M, N, K):
+    x, w, b = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(N, dtype=dtype)
+    y = ops.linear_forward(x, w, b)
+    check(y, (x.double() @ w.double().t()) + b.double(), K)
+    go = randn(M, N, dtype=dtype)
+    gi, gw, gb = ops.linear_backward(go, x, w, [True, True, True])
+    check(gi, go.double() @ w.double(), N)
+    check(gw, go.double().t() @ x.double(), M)
+    check(gb, go.double().sum(0), M)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("xl", ["contig", "t", "sliced"])
+@pytest.mark.parametrize("wl", ["contig", "t", "sliced"])
+@pytest.mark.parametrize("M,N,K", [(37, 45, 300), (3, 70, 19), (70, 3, 40)])
+def test_linear_layouts(isa, dtype, xl, wl, M, N, K):
+    x, w, b = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(N, dtype=dtype)
+    go = randn(M, N, dtype=dtype)
+    xs, ws, gos = layout(x, xl), layout(w, wl), layout(go, xl)
+    check(ops.linear_forward(xs, ws, b), x.double() @ w.double().t() + b.double(), K)
+    gi, gw, gb = ops.linear_backward(gos, xs, ws, [True, True, True])
+    check(gi, go.double() @ w.double(), N)
+    check(gw, go.double().t() @ x.double(), M)
+    check(gb, go.double().sum(0), M)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_expanded(isa, dtype):
+    # stride-0 operands: every row of x (and of grad_output) is the same
+    M, N, K = 50, 40, 70
+    x = randn(1, K, dtype=dtype).expand(M, K)
+    w = randn(N, 1, dtype=dtype).expand(N, K)
+    go = randn(1, N, dtype=dtype).expand(M, N)
+    check(ops.linear_forward(x, w, None), x.double() @ w.double().t(), K)
+    gi, gw, gb = ops.linear_backward(go, x, w, [True, True, True])
+    check(gi, go.double() @ w.double(), N)
+    check(gw, go.double().t() @ x.double(), M)
+    check(gb, go.double().sum(0), M)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 64), (64, 4100, 33), (33, 9, 1000), (300, 400, 520)])
+def test_linear_backward_shapes(isa, dtype, M, N, K):
+    x, w, go = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(M, N, dtype=dtype)
+    gi, gw, gb = ops.linear_backward(go, x, w, [True, True, True])
+    check(gi, go.double() @ w.double(), N)
+    check(gw, go.double().t() @ x.double(), M)
+    check(gb, go.double().sum(0), M)
+    gi2, gw2, gb2 = ops.linear_backward(go, x, w, [False, True, False])
+    assert gi2.shape == (0,) and gb2.shape == (0,)
+    torch.testing.assert_close(gw2, gw, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cl", ["contig", "t", "sliced"])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (23, 37, 41), (150, 90, 270), (7, 300, 0)])
+def test_gemm_core(isa, dtype, cl, accumulate, M, N, K):
+    a, b = layout(randn(M, K, dtype=dtype), "t"), layout(randn(K, N, dtype=dtype), "sliced")
+    c0 = randn(M, N, dtype=dtype)
+    bm, bn = randn(M, dtype=dtype), randn(N, dtype=dtype)
+    for bias_m, bias_n in [(None, None), (bm, None), (None, bn), (bm, bn)]:
+        c = layout(c0.clone(), cl)
+        gemm_(a, b, c, accumulate, bias_m, bias_n)
+        ref = a.double() @ b.double()
+        if accumulate:
+            ref = ref + c0.double()
+        if bias_m is not None:
+            ref = ref + bm.double()[:, None]
+        if bias_n is not None:
+            ref = ref + bn.double()[None, :]
+        check(c, ref, K)
+
+
+def test_gemm_core_nan_not_read_without_accumulate(isa):
+    # beta = 0 must overwrite C, not multiply garbage by zero
+    a, b = randn(20, 30, dtype=torch.float32), randn(30, 40, dtype=torch.float32)
+    c = torch.full((20, 40), float("nan"))
+    gemm_(a, b, c, False, None, None)
+    check(c, a.double() @ b.double(), 30)
+
+
+def test_large_threads(isa):
+    # several KC / MC / NC blocks and both threads (when there are two)
+    M, N, K = 700, 4200, 600 if isa != "scalar" else 100
+    x, w = randn(M, K, dtype=torch.float32), randn(N, K, dtype=torch.float32)
+    check(ops.linear_forward(x, w, None), x.double() @ w.double().t(), K)
+
+
+def test_concurrent_calls(isa):
+    # calls from several Python threads at once (thread-local packing buffers)
+    x, w = randn(64, 80, dtype=torch.float32), randn(50, 80, dtype=torch.float32)
+    ref = x.double() @ w.double().t()
+    outs = [None] * 4
+
+    def work(i):
+        outs[i] = ops.linear_forward(x, w, None)
+
+    import threading
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for o in outs:
+        check(o, ref, 80)
+
+
+def test_dtype_errors():
+    x = torch.randn(3, 4, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.linear_forward(x, x, None)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.linear_forward(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), None)
