@@ -60,7 +60,7 @@ __device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, Acc v) {
 
 // a / b for non-negative int64 values: 32-bit division when both fit (the
 // usual case); the rare 64-bit one is an out-of-line call to keep kernels small.
-__device__ __noinline__ int64_t div64(int64_t a, int64_t b) { return a / b; }
+static __device__ __noinline__ int64_t div64(int64_t a, int64_t b) { return a / b; }
 __device__ __forceinline__ int64_t divq(int64_t a, int64_t b) {
   if (((a | b) >> 32) == 0) return int64_t(uint32_t(a) / uint32_t(b));
   return div64(a, b);
