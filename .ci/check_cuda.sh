@@ -3,7 +3,8 @@
 #  1. each csrc/cuda/*.cu with nvcc for sm_80 and sm_90, with the flags torch's
 #     BuildExtension adds (no implicit half conversions etc.);
 #  2. csrc/cuda/*.cpp (the torch glue) with g++ -fsyntax-only against the
-#     installed torch headers.
+#     installed torch headers;
+#  3. .ci/host_check.cu: the conv2d index maps run on the host vs direct loops.
 # Exits non-zero on the first failure. Skips the nvcc part if nvcc is absent.
 # Env: ARCHS (default "80 90"), NVCC_TIMEOUT (seconds per file, default 900).
 set -uo pipefail
@@ -38,5 +39,12 @@ for f in csrc/cuda/*.cu; do
   fi
   echo "   $(( $(date +%s) - start )) s"
 done
+echo "== host check of the conv index maps and the GEMM planner (.ci/host_check.cu)"
+if timeout "$NVCC_TIMEOUT" nvcc -std=c++17 $TORCH_NVCC_FLAGS -Icsrc .ci/host_check.cu \
+    -o /tmp/fastlayers_host_check -gencode arch=compute_90,code=sm_90; then
+  /tmp/fastlayers_host_check || status=1
+else
+  echo "FAIL: .ci/host_check.cu"; status=1
+fi
 [ $status -eq 0 ] && echo "check_cuda: all OK" || echo "check_cuda: FAILURES"
 exit $status

@@ -8,6 +8,10 @@
 
 #include "launchers.h"
 
+// Device code that is also compiled for the host, so the index maps can be
+// checked on a machine without a GPU (.ci/host_check.cu).
+#define FL_HD __host__ __device__
+
 namespace fastlayers::cuda {
 
 // Storage type T <-> accumulation type Acc. Written with the explicit
@@ -15,27 +19,27 @@ namespace fastlayers::cuda {
 template <typename T> struct Num;
 template <> struct Num<float> {
   using Acc = float;
-  static __device__ __forceinline__ float to_acc(float x) { return x; }
-  static __device__ __forceinline__ float from_acc(float x) { return x; }
+  static FL_HD __forceinline__ float to_acc(float x) { return x; }
+  static FL_HD __forceinline__ float from_acc(float x) { return x; }
 };
 template <> struct Num<double> {
   using Acc = double;
-  static __device__ __forceinline__ double to_acc(double x) { return x; }
-  static __device__ __forceinline__ double from_acc(double x) { return x; }
+  static FL_HD __forceinline__ double to_acc(double x) { return x; }
+  static FL_HD __forceinline__ double from_acc(double x) { return x; }
 };
 template <> struct Num<__half> {
   using Acc = float;
-  static __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
+  static FL_HD __forceinline__ float to_acc(__half x) { return __half2float(x); }
+  static FL_HD __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
 };
 template <> struct Num<__nv_bfloat16> {
   using Acc = float;
-  static __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
+  static FL_HD __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static FL_HD __forceinline__ __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
 };
 
 template <typename T>
-__device__ __forceinline__ T zero_of() { return Num<T>::from_acc(typename Num<T>::Acc(0)); }
+FL_HD __forceinline__ T zero_of() { return Num<T>::from_acc(typename Num<T>::Acc(0)); }
 
 // Reads element i of a tensor whose dtype is only known at run time
 // (per-channel parameters), as Acc.
@@ -60,8 +64,8 @@ __device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, Acc v) {
 
 // a / b for non-negative int64 values: 32-bit division when both fit (the
 // usual case); the rare 64-bit one is an out-of-line call to keep kernels small.
-static __device__ __noinline__ int64_t div64(int64_t a, int64_t b) { return a / b; }
-__device__ __forceinline__ int64_t divq(int64_t a, int64_t b) {
+static FL_HD __noinline__ int64_t div64(int64_t a, int64_t b) { return a / b; }
+FL_HD __forceinline__ int64_t divq(int64_t a, int64_t b) {
   if (((a | b) >> 32) == 0) return int64_t(uint32_t(a) / uint32_t(b));
   return div64(a, b);
 }
@@ -80,7 +84,7 @@ inline int last_error() { return int(cudaGetLastError()); }
 
 // Decomposes a linear index in memory order of a dense 4-D tensor into
 // (n, c, h, w): NCHW order, or NHWC order when channels_last.
-__device__ __forceinline__ void decode4(int64_t q, int64_t C, int64_t H, int64_t W,
+FL_HD __forceinline__ void decode4(int64_t q, int64_t C, int64_t H, int64_t W,
                                         bool channels_last, int64_t& n, int64_t& c,
                                         int64_t& h, int64_t& w) {
   if (channels_last) {

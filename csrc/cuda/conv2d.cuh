@@ -25,23 +25,23 @@ struct ConvGeom {
     for (int i = 0; i < 4; ++i) { xs[i] = d.x_str[i]; ws[i] = d.w_str[i]; ys[i] = d.y_str[i]; }
   }
   // (c, r, s) from a reduction / column index over C/G x R x S.
-  __device__ __forceinline__ void crs(int64_t k, int64_t& c, int64_t& r, int64_t& s) const {
+  FL_HD __forceinline__ void crs(int64_t k, int64_t& c, int64_t& r, int64_t& s) const {
     c = divq(k, RS);
     const int64_t t = k - c * RS;
     r = divq(t, S); s = t - r * S;
   }
-  __device__ __forceinline__ void npq(int64_t j, int64_t& n, int64_t& p, int64_t& q) const {
+  FL_HD __forceinline__ void npq(int64_t j, int64_t& n, int64_t& p, int64_t& q) const {
     n = divq(j, PQ);
     const int64_t t = j - n * PQ;
     p = divq(t, Q); q = t - p * Q;
   }
-  __device__ __forceinline__ void nhw(int64_t j, int64_t& n, int64_t& h, int64_t& w) const {
+  FL_HD __forceinline__ void nhw(int64_t j, int64_t& n, int64_t& h, int64_t& w) const {
     n = divq(j, HW);
     const int64_t t = j - n * HW;
     h = divq(t, W); w = t - h * W;
   }
   // Input offset of (n, c, p*stride - pad + r*dil, ...), or -1 in the padding.
-  __device__ __forceinline__ int64_t x_at(int64_t n, int64_t c, int64_t p, int64_t q, int64_t r,
+  FL_HD __forceinline__ int64_t x_at(int64_t n, int64_t c, int64_t p, int64_t q, int64_t r,
                                           int64_t s) const {
     const int64_t h = p * sh - ph + r * dh, w = q * sw - pw + s * dw;
     if (h < 0 || h >= H || w < 0 || w >= W) return -1;
@@ -62,16 +62,16 @@ struct ConvFwd {
         bias(static_cast<const Tt*>(b_)), y(static_cast<Tt*>(y_)) {
     M = G.Kg; N = d.N * G.PQ; K = G.Cg * G.RS;
   }
-  __device__ Tt a(int g, int64_t i, int64_t k) const {
+  FL_HD Tt a(int g, int64_t i, int64_t k) const {
     int64_t c, r, s; G.crs(k, c, r, s);
     return w[(g * G.Kg + i) * G.ws[0] + c * G.ws[1] + r * G.ws[2] + s * G.ws[3]];
   }
-  __device__ Tt b(int g, int64_t k, int64_t j) const {
+  FL_HD Tt b(int g, int64_t k, int64_t j) const {
     int64_t c, r, s, n, p, q; G.crs(k, c, r, s); G.npq(j, n, p, q);
     const int64_t o = G.x_at(n, g * G.Cg + c, p, q, r, s);
     return o < 0 ? zero_of<Tt>() : x[o];
   }
-  __device__ void store(int g, int64_t i, int64_t j, Acc v) const {
+  FL_HD void store(int g, int64_t i, int64_t j, Acc v) const {
     int64_t n, p, q; G.npq(j, n, p, q);
     const int64_t k = g * G.Kg + i;
     if (bias) v += Num<Tt>::to_acc(bias[k]);
@@ -92,11 +92,11 @@ struct ConvDgrad {
         gx(static_cast<Tt*>(gx_)) {
     M = G.Cg; N = d.N * G.HW; K = G.Kg * G.RS;
   }
-  __device__ Tt a(int g, int64_t i, int64_t k) const {
+  FL_HD Tt a(int g, int64_t i, int64_t k) const {
     int64_t kk, r, s; G.crs(k, kk, r, s);
     return w[(g * G.Kg + kk) * G.ws[0] + i * G.ws[1] + r * G.ws[2] + s * G.ws[3]];
   }
-  __device__ Tt b(int g, int64_t k, int64_t j) const {
+  FL_HD Tt b(int g, int64_t k, int64_t j) const {
     int64_t kk, r, s, n, h, wi; G.crs(k, kk, r, s); G.nhw(j, n, h, wi);
     const int64_t th = h + G.ph - r * G.dh, tw = wi + G.pw - s * G.dw;
     if (th < 0 || tw < 0) return zero_of<Tt>();
@@ -104,7 +104,7 @@ struct ConvDgrad {
     if (p * G.sh != th || q * G.sw != tw || p >= G.P || q >= G.Q) return zero_of<Tt>();
     return gy[n * G.ys[0] + (g * G.Kg + kk) * G.ys[1] + p * G.ys[2] + q * G.ys[3]];
   }
-  __device__ void store(int g, int64_t i, int64_t j, Acc v) const {
+  FL_HD void store(int g, int64_t i, int64_t j, Acc v) const {
     int64_t n, h, wi; G.nhw(j, n, h, wi);
     gx[n * G.xs[0] + (g * G.Cg + i) * G.xs[1] + h * G.xs[2] + wi * G.xs[3]] = Num<Tt>::from_acc(v);
   }
@@ -123,16 +123,16 @@ struct ConvWgrad {
         gw(static_cast<Tt*>(gw_)) {
     M = G.Kg; N = G.Cg * G.RS; K = d.N * G.PQ;
   }
-  __device__ Tt a(int g, int64_t i, int64_t k) const {
+  FL_HD Tt a(int g, int64_t i, int64_t k) const {
     int64_t n, p, q; G.npq(k, n, p, q);
     return gy[n * G.ys[0] + (g * G.Kg + i) * G.ys[1] + p * G.ys[2] + q * G.ys[3]];
   }
-  __device__ Tt b(int g, int64_t k, int64_t j) const {
+  FL_HD Tt b(int g, int64_t k, int64_t j) const {
     int64_t c, r, s, n, p, q; G.crs(j, c, r, s); G.npq(k, n, p, q);
     const int64_t o = G.x_at(n, g * G.Cg + c, p, q, r, s);
     return o < 0 ? zero_of<Tt>() : x[o];
   }
-  __device__ void store(int g, int64_t i, int64_t j, Acc v) const {
+  FL_HD void store(int g, int64_t i, int64_t j, Acc v) const {
     int64_t c, r, s; G.crs(j, c, r, s);
     gw[(g * G.Kg + i) * G.ws[0] + c * G.ws[1] + r * G.ws[2] + s * G.ws[3]] = Num<Tt>::from_acc(v);
   }
