@@ -4,6 +4,7 @@
 # runs even if tests fail; the exit code is the build's or the tests'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 LOG="${OUT:-.}/gpu_check.log"
 mkdir -p "$(dirname "$LOG")"
 exec > >(tee -a "$LOG") 2>&1
