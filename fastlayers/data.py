@@ -49,7 +49,8 @@ def stratified_split(labels, test_fraction, seed=0):
 
 
 def _as_nchw(x):
-    """[N,H,W] -> [N,1,H,W]; [N,H,W,C] (C in 1,3,4) -> [N,C,H,W]; [N,C,H,W] kept."""
+    """[N,H,W] -> [N,1,H,W]; [N,H,W,C] -> [N,C,H,W] when C is 1 or 3 and dim 1 is not;
+    anything else 4-d is taken as [N,C,H,W]."""
     x = np.asarray(x)
     if x.ndim == 2:
         raise ValueError(f"images must be [N,H,W], [N,H,W,C] or [N,C,H,W], got shape {x.shape}; "
@@ -57,7 +58,7 @@ def _as_nchw(x):
     if x.ndim == 3:
         return x[:, None]
     if x.ndim == 4:
-        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
             return x.transpose(0, 3, 1, 2)
         return x
     raise ValueError(f"images must be 3-d or 4-d, got shape {x.shape}")
@@ -183,7 +184,7 @@ class Digits(ArrayDataset):
 
 class NpzDataset(ArrayDataset):
     """Arrays from a .npz file. Images under `x` or `images` (uint8 0..255 or float
-    0..1; [N,H,W], [N,H,W,C] or [N,C,H,W]), labels under `y` or `labels`.
+    0..1; [N,H,W], [N,H,W,C] with C 1 or 3, or [N,C,H,W]), labels under `y` or `labels`.
 
     split=None uses all samples; split="train"/"test" uses x_train/y_train and
     x_test/y_test when the file has them, else a stratified 80/20 split (fixed seed).

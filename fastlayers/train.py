@@ -85,11 +85,12 @@ def train_one_epoch(model, device, loader, optimizer, epoch, loss_fn=F.cross_ent
         seen += y.numel()
         if bar is not None:
             bar.update(1)
-            if step % log_interval == 0 or step + 1 == bar.total:
+            last = step + 1 == bar.total
+            if step % log_interval == 0 or last:
                 el = time.perf_counter() - start
                 bar.set_postfix(loss=f"{loss.item():.4f}",
                                 acc=f"{100.0 * correct.item() / seen:.2f}%",
-                                img_s=f"{seen / max(el, 1e-9):.0f}", refresh=False)
+                                img_s=f"{seen / max(el, 1e-9):.0f}", refresh=last)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -161,7 +162,7 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 0.05 for sgd, 1e-3 for adam)")
     p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", default="cosine", choices=("cosine", "none"),
                    help="learning-rate schedule over the epochs")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
