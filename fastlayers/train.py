@@ -111,7 +111,8 @@ def train_one_epoch(model, device, loader, optimizer, epoch, loss_fn=F.cross_ent
 @torch.no_grad()
 def evaluate(model, device, loader, loss_fn=F.cross_entropy):
     """model.eval() and torch.no_grad(); returns dict loss (mean), accuracy, images.
-    Under DDP each process passes its own shard and the sums are all-reduced."""
+    `loss_fn` must accept reduction="sum". Under DDP each process passes its own shard
+    of the data and the sums are all-reduced."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in loader:
@@ -222,6 +223,8 @@ def _plot(path, runs, title):
         ep = [e["epoch"] for e in hist]
         ax1.plot(ep, [e["test_loss"] for e in hist], "o-", color=line.get_color(),
                  label=f"{name} test")
+        ax1.plot(ep, [e["train_loss"] for e in hist], "--", color=line.get_color(),
+                 label=f"{name} train (epoch mean)")
         ax1.plot([], [], color=line.get_color(), alpha=0.35, label=f"{name} train (per step)")
         ax2.plot(ep, [100 * e["train_accuracy"] for e in hist], "--", color=line.get_color(),
                  label=f"{name} train")
@@ -386,7 +389,6 @@ def _train(args, device, rank, world, main_proc, progress, say, wall_start):
     for run in runs:
         h = run.history
         secs = sum(e["seconds"] for e in h)
-        imgs = sum(len(train_set) for _ in h) if not args.ddp else None
         summary[run.name] = {
             "final_test_accuracy": h[-1]["test_accuracy"] if h else None,
             "final_test_loss": h[-1]["test_loss"] if h else None,
@@ -394,7 +396,6 @@ def _train(args, device, rank, world, main_proc, progress, say, wall_start):
                              if secs > 0 else None),
             "train_seconds": secs,
         }
-        del imgs
     main_sum = summary[args.layers]
     say(f"final test accuracy {100 * main_sum['final_test_accuracy']:.2f}% ({args.layers}), "
         f"{main_sum['images_per_s']:.0f} train img/s, wall time {wall:.1f} s")
