@@ -270,6 +270,8 @@ def main(argv=None):
 
     # -- processes and device -------------------------------------------------------
     rank, world, local_rank = 0, 1, 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
     if args.ddp:
         import torch.distributed as dist
         if "RANK" not in os.environ:
@@ -279,12 +281,7 @@ def main(argv=None):
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: CUDA is not available")
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
     main_proc = rank == 0
     progress = main_proc and not args.no_progress
     say = print if main_proc else (lambda *a, **k: None)
