@@ -1,0 +1,132 @@
+// Host-side check of the conv2d implicit-GEMM index maps (csrc/cuda/conv2d.cuh)
+// against direct loops, for NCHW and channels_last strides, groups, stride,
+// padding and dilation; plus the GEMM split-K planner. Needs nvcc, no GPU:
+//   nvcc -std=c++17 -Icsrc .ci/host_check.cu -o /tmp/host_check && /tmp/host_check
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cuda/conv2d.cuh"
+
+using namespace fastlayers::cuda;
+
+static std::mt19937 rng(1234);
+
+static void strides(int64_t n, int64_t c, int64_t h, int64_t w, bool cl, int64_t (&s)[4]) {
+  if (cl) { s[1] = 1; s[3] = c; s[2] = w * c; s[0] = h * w * c; }
+  else { s[3] = 1; s[2] = w; s[1] = h * w; s[0] = c * h * w; }
+  (void)n;
+}
+
+static std::vector<double> randv(int64_t n) {
+  std::normal_distribution<double> d;
+  std::vector<double> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+template <class P>
+static void run_problem(const P& p, int64_t groups) {
+  for (int g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < p.M; ++i)
+      for (int64_t j = 0; j < p.N; ++j) {
+        double acc = 0;
+        for (int64_t k = 0; k < p.K; ++k) acc += p.a(g, i, k) * p.b(g, k, j);
+        p.store(g, i, j, acc);
+      }
+}
+
+static double maxdiff(const std::vector<double>& a, const std::vector<double>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::fmax(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+static int check(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R, int64_t S,
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                 int64_t G, bool xcl, bool wcl, bool ycl) {
+  ConvDesc d;
+  d.N = N; d.C = C; d.H = H; d.W = W; d.K = K; d.R = R; d.S = S;
+  d.stride_h = sh; d.stride_w = sw; d.pad_h = ph; d.pad_w = pw; d.dil_h = dh; d.dil_w = dw;
+  d.groups = G;
+  d.P = (H + 2 * ph - dh * (R - 1) - 1) / sh + 1;
+  d.Q = (W + 2 * pw - dw * (S - 1) - 1) / sw + 1;
+  const int64_t Cg = C / G, Kg = K / G, P = d.P, Q = d.Q;
+  strides(N, C, H, W, xcl, d.x_str);
+  strides(K, Cg, R, S, wcl, d.w_str);
+  strides(N, K, P, Q, ycl, d.y_str);
+  auto X = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
+    return n * d.x_str[0] + c * d.x_str[1] + h * d.x_str[2] + w * d.x_str[3]; };
+  auto Wt = [&](int64_t k, int64_t c, int64_t r, int64_t s) {
+    return k * d.w_str[0] + c * d.w_str[1] + r * d.w_str[2] + s * d.w_str[3]; };
+  auto Y = [&](int64_t n, int64_t k, int64_t p, int64_t q) {
+    return n * d.y_str[0] + k * d.y_str[1] + p * d.y_str[2] + q * d.y_str[3]; };
+  std::vector<double> x = randv(N * C * H * W), w = randv(K * Cg * R * S), b = randv(K),
+                      gy = randv(N * K * P * Q);
+  // Direct loops.
+  std::vector<double> y_ref(N * K * P * Q, 0.0), gx_ref(x.size(), 0.0), gw_ref(w.size(), 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t q = 0; q < Q; ++q) {
+          const int64_t g = k / Kg;
+          double acc = b[k];
+          for (int64_t c = 0; c < Cg; ++c)
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t s = 0; s < S; ++s) {
+                const int64_t h = p * sh - ph + r * dh, ww = q * sw - pw + s * dw;
+                if (h < 0 || h >= H || ww < 0 || ww >= W) continue;
+                const int64_t xi = X(n, g * Cg + c, h, ww), wi = Wt(k, c, r, s);
+                acc += x[xi] * w[wi];
+                gx_ref[xi] += w[wi] * gy[Y(n, k, p, q)];
+                gw_ref[wi] += x[xi] * gy[Y(n, k, p, q)];
+              }
+          y_ref[Y(n, k, p, q)] = acc;
+        }
+  std::vector<double> y(y_ref.size(), NAN), gx(x.size(), NAN), gw(w.size(), NAN);
+  run_problem(ConvFwd<double>(d, x.data(), w.data(), b.data(), y.data()), G);
+  run_problem(ConvDgrad<double>(d, gy.data(), w.data(), gx.data()), G);
+  run_problem(ConvWgrad<double>(d, gy.data(), x.data(), gw.data()), G);
+  const double e1 = maxdiff(y, y_ref), e2 = maxdiff(gx, gx_ref), e3 = maxdiff(gw, gw_ref);
+  const bool ok = e1 < 1e-9 && e2 < 1e-9 && e3 < 1e-9;
+  std::printf("%s N%ld C%ld %ldx%ld K%ld k%ldx%ld s%ld,%ld p%ld,%ld d%ld,%ld g%ld cl%d%d%d: "
+              "fwd %.1e dgrad %.1e wgrad %.1e\n", ok ? "ok  " : "FAIL", long(N), long(C), long(H),
+              long(W), long(K), long(R), long(S), long(sh), long(sw), long(ph), long(pw), long(dh),
+              long(dw), long(G), xcl, wcl, ycl, e1, e2, e3);
+  return ok ? 0 : 1;
+}
+
+int main() {
+  int bad = 0;
+  bad += check(2, 3, 9, 11, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, false, false);
+  bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, false, false, false);
+  bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, true, false, true);
+  bad += check(1, 6, 8, 8, 6, 3, 3, 2, 2, 1, 1, 1, 1, 6, true, true, true);
+  bad += check(3, 5, 12, 13, 7, 5, 5, 3, 2, 2, 2, 2, 1, 1, false, true, false);
+  bad += check(2, 8, 6, 6, 16, 1, 1, 1, 1, 0, 0, 1, 1, 4, true, false, false);
+  bad += check(1, 2, 5, 5, 2, 5, 5, 1, 1, 0, 0, 1, 1, 1, false, false, false);
+  // Planner: splits and workspace for the benchmark shapes.
+  struct Case { const char* what; int64_t M, N, K, G; DType dt; };
+  const Case cases[] = {
+      {"gemm 4096^3 f32", 4096, 4096, 4096, 1, DType::F32},
+      {"gemm 4096^3 bf16", 4096, 4096, 4096, 1, DType::BF16},
+      {"conv fwd 32x64x56x56", 64, 32 * 56 * 56, 576, 1, DType::F32},
+      {"conv wgrad 32x64x56x56", 64, 576, 32 * 56 * 56, 1, DType::F32},
+      {"linear wgrad 1024x1024, K=512", 1024, 1024, 512, 1, DType::F32},
+      {"linear wgrad 40x24, K=8192", 40, 24, 8192, 1, DType::F32},
+      {"K = 0", 5, 7, 0, 1, DType::F64},
+  };
+  for (const Case& c : cases) {
+    const GemmPlan p = plan_gemm(c.M, c.N, c.K, c.G, c.dt);
+    std::printf("plan %-32s cfg %d tile %ldx%ldx%ld splits %d kchunk %ld ws %ld B\n", c.what,
+                p.cfg, long(p.BM), long(p.BN), long(p.BK), p.splits, long(p.kchunk),
+                long(p.ws_bytes));
+    if (p.splits < 1 || (int64_t)p.splits * p.kchunk < c.K || (p.splits > 1 && p.ws_bytes <= 0)) {
+      std::printf("FAIL plan\n");
+      ++bad;
+    }
+  }
+  std::printf(bad ? "host_check: %d FAILURES\n" : "host_check: all OK\n", bad);
+  return bad ? 1 : 0;
+}

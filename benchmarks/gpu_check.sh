@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-shot GPU check: build the CUDA extension, run the CUDA tests, run the
+# benchmark. Everything is logged to ${OUT:-.}/gpu_check.log. The benchmark
+# runs even if tests fail; the exit code is the build's or the tests'.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+LOG="${OUT:-.}/gpu_check.log"
+mkdir -p "$(dirname "$LOG")"
+exec > >(tee -a "$LOG") 2>&1
+
+echo "== $(date -u +%FT%TZ) fastlayers gpu_check"
+nvidia-smi || true
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+
+echo "== build"
+t0=$(date +%s)
+build_rc=0
+BUILD_LOG="${OUT:-.}/build.log"
+MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+  python setup.py build_ext --inplace > "$BUILD_LOG" 2>&1 || build_rc=$?
+echo "build rc=$build_rc in $(( $(date +%s) - t0 )) s (full log: $BUILD_LOG)"
+if [ "$build_rc" -ne 0 ]; then
+  grep -n -E "error|Error" "$BUILD_LOG" | head -n 60 || true
+  tail -n 60 "$BUILD_LOG"
+  echo "RESULT: build FAILED"
+  exit "$build_rc"
+fi
+grep -i -E "warning" "$BUILD_LOG" | grep -v -E "^\s*$" | head -n 20 || true
+python -c "import fastlayers, torch; print('fastlayers from', fastlayers.__file__, 'with_cuda', fastlayers._C.with_cuda())"
+
+echo "== tests"
+test_rc=0
+# --maxfail rather than -x: one run should show every failing case it can.
+timeout 240 python -m pytest tests/test_cuda.py -v --maxfail=25 -rs -p no:cacheprovider || test_rc=$?
+echo "tests rc=$test_rc"
+
+echo "== benchmark"
+bench_rc=0
+timeout 150 python benchmarks/gpu_bench.py || bench_rc=$?
+echo "benchmark rc=$bench_rc"
+
+echo "RESULT: build ok; tests $([ $test_rc -eq 0 ] && echo passed || echo "FAILED (rc=$test_rc)"); benchmark $([ $bench_rc -eq 0 ] && echo ok || echo "FAILED (rc=$bench_rc)")"
+exit "$test_rc"

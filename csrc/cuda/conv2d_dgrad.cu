@@ -1,0 +1,20 @@
+// Conv2d input gradient as implicit GEMM (index map ConvDgrad in conv2d.cuh).
+#include "conv2d.cuh"
+
+namespace fastlayers::cuda {
+
+int64_t conv2d_dgrad_workspace_bytes(const ConvDesc& d, DType dt) {
+  if (d.groups <= 0) return 0;
+  const int64_t Kg = d.K / d.groups, Cg = d.C / d.groups;
+  return d.N * d.H * d.W > 0 && Cg > 0 ? plan_gemm(Cg, d.N * d.H * d.W, Kg * d.R * d.S, d.groups, dt).ws_bytes : 0;
+}
+
+int conv2d_dgrad(const ConvDesc& d, DType dt, const void* gy, const void* w, void* gx,
+                 void* workspace, cudaStream_t stream) {
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return run_gemm(ConvDgrad<T>(d, gy, w, gx), d.groups, dt, workspace, stream);
+  });
+}
+
+}  // namespace fastlayers::cuda
