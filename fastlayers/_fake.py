@@ -97,6 +97,11 @@ def _max_pool2d_indices(offsets, input_width, kernel_size, stride, padding, dila
     return _empty(offsets.shape, offsets, suggest_memory_format(offsets), dtype=torch.int64)
 
 
+def _bn_stat_dtype(input):
+    # statistics are float32 for half/bfloat16 input (CUDA), else the input's dtype
+    return torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+
+
 def _bn_out(input):
     fmt = suggest_memory_format(input) if input.dim() == 4 else torch.contiguous_format
     return _empty(input.shape, input, fmt)
@@ -105,7 +110,8 @@ def _bn_out(input):
 @torch.library.register_fake(_lib + "batch_norm_train")
 def _batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps):
     c = input.shape[1]
-    return _bn_out(input), input.new_empty((c,)), input.new_empty((c,))
+    st = _bn_stat_dtype(input)
+    return _bn_out(input), input.new_empty((c,), dtype=st), input.new_empty((c,), dtype=st)
 
 
 @torch.library.register_fake(_lib + "batch_norm_eval")
@@ -117,6 +123,7 @@ def _batch_norm_eval(input, weight, bias, running_mean, running_var, eps):
 def _batch_norm_backward(grad_output, input, weight, mean, invstd, training, output_mask):
     c = input.shape[1]
     gi = _bn_out(input) if output_mask[0] else _placeholder(input)
-    gw = input.new_empty((c,)) if output_mask[1] else _placeholder(input)
-    gb = input.new_empty((c,)) if output_mask[2] else _placeholder(input)
+    pdt = weight.dtype if weight is not None else input.dtype
+    gw = input.new_empty((c,), dtype=pdt) if output_mask[1] else _placeholder(input)
+    gb = input.new_empty((c,), dtype=pdt) if output_mask[2] else _placeholder(input)
     return gi, gw, gb

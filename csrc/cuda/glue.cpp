@@ -277,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     }
   }
   if (mask[1]) {
-    gw = at::empty(weight.sizes(), weight.options().memory_format(fmt));
+    gw = at::empty_like(weight);  // weight's own layout, as on the CPU
     if (gw.numel() > 0) {
       cuda::ConvDesc dw = d;
       set_strides(dw.w_str, gw);
