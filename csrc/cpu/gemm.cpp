@@ -300,7 +300,7 @@ void gemm_impl(GemmArgs<T> g) {
   if (ks.dot && g.M <= 4 && g.csA == 1 && g.rsB == 1) {
     DotArgs<T> d{g.M, g.K, 0, g.N, g.A, g.rsA, g.B, g.csB, g.C, g.rsC, g.csC,
                  g.accumulate, g.bias_m, g.bias_n};
-    const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(1, g.M * g.K));
+    const int64_t grain = std::max<int64_t>(16, (1 << 18) / std::max<int64_t>(1, g.M * g.K));
     at::parallel_for(0, g.N, grain, [&](int64_t n0, int64_t n1) {
       DotArgs<T> part = d;
       part.n0 = n0; part.n1 = n1;
