@@ -16,7 +16,9 @@
 // chosen by active_isa() at every call.
 #include "gemm.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -116,11 +118,17 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // B block (kc x nc) -> NR-column slivers, dst[jr * kc + k * NR + j].
 // Rows / columns past the edge are zero.
 template <typename T>
-void pack_a(int MR, int64_t mc, int64_t kc, const T* A, int64_t rsA, int64_t csA, T* dst) {
+void pack_a(const KernelSet<T>& ks, int64_t mc, int64_t kc, const T* A, int64_t rsA, int64_t csA,
+            T* dst) {
+  const int MR = ks.MR;
   for (int64_t ir = 0; ir < mc; ir += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
     const T* s = A + ir * rsA;
     T* d = dst + ir * kc;
+    if (csA == 1 && mr == MR && ks.pack_t) {
+      ks.pack_t(kc, s, rsA, MR, d);
+      continue;
+    }
     if (csA == 1) {  // rows contiguous: read each row once, scatter with stride MR
       for (int r = 0; r < mr; ++r) {
         const T* sr = s + r * rsA;
@@ -152,8 +160,8 @@ void pack_b(const KernelSet<T>& ks, int64_t kc, int64_t nc, const T* B, int64_t 
       }
       continue;
     }
-    if (rsB == 1 && nr == NR && ks.pack_b_t) {
-      ks.pack_b_t(kc, s, csB, NR, d);
+    if (rsB == 1 && nr == NR && ks.pack_t) {
+      ks.pack_t(kc, s, csB, NR, d);
       continue;
     }
     for (int j = 0; j < nr; ++j) {
@@ -193,10 +201,10 @@ void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool p
         const int64_t mc = std::min(ks.MC, m1 - ic);
         const T* Asrc = g.A + ic * g.rsA + pc * g.csA;
         if (packA) {
-          pack_a(MR, mc, kc, Asrc, g.rsA, g.csA, Ap);
+          pack_a(ks, mc, kc, Asrc, g.rsA, g.csA, Ap);
         } else if (mc % MR) {
           const int64_t last = mc / MR * MR;
-          pack_a(MR, mc - last, kc, Asrc + last * g.rsA, g.rsA, g.csA, a_edge);
+          pack_a(ks, mc - last, kc, Asrc + last * g.rsA, g.rsA, g.csA, a_edge);
         }
         for (int64_t jr = 0; jr < nc; jr += NR) {
           const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
@@ -280,6 +288,27 @@ void gemm_impl(GemmArgs<T> g) {
   const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
   const int64_t MR = ks.MR, NR = ks.NR;
 
+  // Tiny M (or N) with A rows and B columns contiguous along K (Linear forward
+  // at batch 1..4): dot products, so the big operand is streamed once, unpacked.
+  if (ks.dot && g.N <= 4 && g.M > 4 && g.csA == 1 && g.rsB == 1) {
+    std::swap(g.M, g.N);  // C^T = B^T A^T keeps the layout "NT"
+    std::swap(g.A, g.B);
+    std::swap(g.rsA, g.csB);  // rsA' = csB (csA' = rsB = 1, rsB' = csA = 1)
+    std::swap(g.rsC, g.csC);
+    std::swap(g.bias_m, g.bias_n);
+  }
+  if (ks.dot && g.M <= 4 && g.csA == 1 && g.rsB == 1) {
+    DotArgs<T> d{g.M, g.K, 0, g.N, g.A, g.rsA, g.B, g.csB, g.C, g.rsC, g.csC,
+                 g.accumulate, g.bias_m, g.bias_n};
+    const int64_t grain = std::max<int64_t>(16, (1 << 18) / std::max<int64_t>(1, g.M * g.K));
+    at::parallel_for(0, g.N, grain, [&](int64_t n0, int64_t n1) {
+      DotArgs<T> part = d;
+      part.n0 = n0; part.n1 = n1;
+      ks.dot(part);
+    });
+    return;
+  }
+
   // Skip packing an operand that is reused little: A is reused N / NR times,
   // B is reused M / MR times (and can only be read in place with csB == 1).
   const bool packA = g.N > 4 * NR;
@@ -328,9 +357,6 @@ void gemm(const GemmArgs<double>& a) { gemm_detail::gemm_impl(a); }
 // bias_n) runs the GEMM core on tensors with whatever strides they have,
 // writing into c (so tests reach accumulate, bias_m and any C layout, which
 // Linear does not use but Conv2d does).
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
 namespace fastlayers::cpu {
 namespace {
 

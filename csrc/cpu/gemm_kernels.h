@@ -30,11 +30,37 @@ struct Tile {
 template <typename T>
 using MicroKernel = void (*)(const Tile<T>& t);
 
-// Optional vectorised packing routine for a B sliver stored "transposed"
-// (B(k, j) = src[j * ld + k], i.e. rows of the source are columns of B):
-//   dst[k * nr + j] = src[j * ld + k] for j < nr, k < kc (all nr columns valid).
+// Optional vectorised packing of a sliver whose source runs along k:
+//   dst[k * nr + j] = src[j * ld + k] for j < nr, k < kc (all nr valid)
+// (an A sliver with csA == 1, nr = MR; a B sliver with rsB == 1, nr = NR).
 template <typename T>
 using PackTransposed = void (*)(int64_t kc, const T* src, int64_t ld, int nr, T* dst);
+
+// Dot-product GEMM for the "NT" layout with a tiny M (A rows and B columns
+// contiguous along k): C(i, j) for i < M, n0 <= j < n1 with
+//   C(i, j) = dot(A + i * lda, B + j * ldb, K), then the epilogue store_dot.
+template <typename T>
+struct DotArgs {
+  int64_t M, K, n0, n1;
+  const T* A; int64_t lda;
+  const T* B; int64_t ldb;
+  T* C; int64_t rsC, csC;
+  bool beta;
+  const T* bias_m;
+  const T* bias_n;
+};
+
+template <typename T>
+inline void store_dot(const DotArgs<T>& g, int64_t i, int64_t j, T v) {
+  T* c = g.C + i * g.rsC + j * g.csC;
+  if (g.beta) v += *c;
+  if (g.bias_m) v += g.bias_m[i];
+  if (g.bias_n) v += g.bias_n[j];
+  *c = v;
+}
+
+template <typename T>
+using DotKernel = void (*)(const DotArgs<T>& g);
 
 template <typename T>
 struct KernelSet {
@@ -42,13 +68,15 @@ struct KernelSet {
   int64_t MC = 0, KC = 0, NC = 0;  // cache blocks: MC % MR == 0, NC % NR == 0
   MicroKernel<T> packed_a = nullptr;   // A(r, k) = A[r + k * MR] (a_rs, a_ks ignored)
   MicroKernel<T> strided_a = nullptr;  // A with any strides
-  PackTransposed<T> pack_b_t = nullptr;  // may be null
+  PackTransposed<T> pack_t = nullptr;  // may be null
+  DotKernel<T> dot = nullptr;          // may be null
 };
 
 // Defined in gemm_kernels_avx2.cpp / gemm_kernels_avx512.cpp. Only call the
 // kernels when active_isa() says the CPU has that ISA.
 KernelSet<float> avx2_kernels_f32();
-void pack_b_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst);  // nr % 8 == 0
+void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst);
+void gemm_dot_f32_avx2(const DotArgs<float>& g);
 KernelSet<double> avx2_kernels_f64();
 KernelSet<float> avx512_kernels_f32();
 KernelSet<double> avx512_kernels_f64();

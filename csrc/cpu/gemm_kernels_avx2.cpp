@@ -56,6 +56,7 @@ void kernel_6x2(const Tile<typename S::T>& t) {
   const T* b = t.B;
   T* C = t.C;
   const int64_t ldc = t.ldc;
+  const int64_t kc = t.kc;
 
 #define FL_DECL(r) V c##r##0 = S::zero(), c##r##1 = S::zero();
   FL_ROWS6(FL_DECL)
@@ -72,7 +73,7 @@ void kernel_6x2(const Tile<typename S::T>& t) {
     c##r##1 = S::fma(ar, b1, c##r##1);      \
   }
 #pragma GCC unroll 4
-  for (int64_t k = 0; k < t.kc; ++k) {
+  for (int64_t k = 0; k < kc; ++k) {
     const V b0 = S::load(b), b1 = S::load(b + W);
     FL_ROWS6(FL_STEP)
     a += a_ks;
@@ -101,16 +102,26 @@ void kernel_6x2(const Tile<typename S::T>& t) {
 
 }  // namespace
 
-// dst[k * nr + j] = src[j * ld + k] for j < nr (a multiple of 8), k < kc.
-void pack_b_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst) {
+// dst[k * nr + j] = src[j * ld + k] for j < nr, k < kc: 8x8 register
+// transposes (rows past nr in the last block are dummies, stored masked).
+void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst) {
+  const int full = nr / 8, rest = nr % 8;
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
-    for (int h = 0; h < nr / 8; ++h) {  // 8x8 blocks: columns j = 8h .. 8h+7
+    for (int h = 0; h < full + (rest > 0); ++h) {  // rows j = 8h .. 8h+7
+      const int rows = h < full ? 8 : rest;
       const float* s = src + (8 * h) * ld + k;
-      __m256 r0 = _mm256_loadu_ps(s + 0 * ld), r1 = _mm256_loadu_ps(s + 1 * ld);
-      __m256 r2 = _mm256_loadu_ps(s + 2 * ld), r3 = _mm256_loadu_ps(s + 3 * ld);
-      __m256 r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld);
-      __m256 r6 = _mm256_loadu_ps(s + 6 * ld), r7 = _mm256_loadu_ps(s + 7 * ld);
+      const float* p[8];
+      for (int r = 0; r < 8; ++r) p[r] = s + (r < rows ? r : 0) * ld;
+      if ((k & 15) == 0)
+        for (int r = 0; r < rows; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(p[r] + 64), _MM_HINT_T0);
+      __m256 r0 = _mm256_loadu_ps(p[0]), r1 = _mm256_loadu_ps(p[1]);
+      __m256 r2 = _mm256_loadu_ps(p[2]), r3 = _mm256_loadu_ps(p[3]);
+      __m256 r4 = _mm256_loadu_ps(p[4]), r5 = _mm256_loadu_ps(p[5]);
+      __m256 r6 = _mm256_loadu_ps(p[6]), r7 = _mm256_loadu_ps(p[7]);
       __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
       __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
       __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -119,19 +130,71 @@ void pack_b_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* 
       __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
       __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
       __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      __m256 o[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                     _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                     _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                     _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
       float* d = dst + k * nr + 8 * h;
-      _mm256_storeu_ps(d + 0 * nr, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(d + 1 * nr, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(d + 2 * nr, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(d + 3 * nr, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(d + 4 * nr, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(d + 5 * nr, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(d + 6 * nr, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(d + 7 * nr, _mm256_permute2f128_ps(u3, u7, 0x31));
+      if (rows == 8) {
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(d + q * nr, o[q]);
+      } else {
+        for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(d + q * nr, mask, o[q]);
+      }
     }
   }
   for (; k < kc; ++k)
     for (int j = 0; j < nr; ++j) dst[k * nr + j] = src[j * ld + k];
+}
+
+namespace {
+
+float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+}  // namespace
+
+// Dot-product GEMM for A with rows contiguous in k and B with columns
+// contiguous in k (Linear forward with a tiny batch): for each row of A, four
+// columns of B at a time, eight k per FMA; B is streamed once per row of A.
+void gemm_dot_f32_avx2(const DotArgs<float>& g) {
+  for (int64_t i = 0; i < g.M; ++i) {
+    const float* a = g.A + i * g.lda;
+    int64_t j = g.n0;
+    for (; j + 4 <= g.n1; j += 4) {
+      const float* b0 = g.B + j * g.ldb;
+      const float* b1 = b0 + g.ldb;
+      const float* b2 = b1 + g.ldb;
+      const float* b3 = b2 + g.ldb;
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      int64_t k = 0;
+      for (; k + 8 <= g.K; k += 8) {
+        const __m256 av = _mm256_loadu_ps(a + k);
+        s0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b0 + k), s0);
+        s1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b1 + k), s1);
+        s2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b2 + k), s2);
+        s3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b3 + k), s3);
+      }
+      float r[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
+      for (; k < g.K; ++k) {
+        r[0] += a[k] * b0[k]; r[1] += a[k] * b1[k]; r[2] += a[k] * b2[k]; r[3] += a[k] * b3[k];
+      }
+      for (int q = 0; q < 4; ++q) store_dot(g, i, j + q, r[q]);
+    }
+    for (; j < g.n1; ++j) {
+      const float* b = g.B + j * g.ldb;
+      __m256 s = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= g.K; k += 8)
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s);
+      float r = hsum(s);
+      for (; k < g.K; ++k) r += a[k] * b[k];
+      store_dot(g, i, j, r);
+    }
+  }
 }
 
 }  // namespace fastlayers::cpu::gemm_detail
@@ -147,7 +210,8 @@ KernelSet<float> avx2_kernels_f32() {
   s.MC = 144; s.KC = 256; s.NC = 4080;
   s.packed_a = &kernel_6x2<F32, true>;
   s.strided_a = &kernel_6x2<F32, false>;
-  s.pack_b_t = &pack_b_t_f32_avx2;
+  s.pack_t = &pack_t_f32_avx2;
+  s.dot = &gemm_dot_f32_avx2;
   return s;
 }
 

@@ -54,6 +54,7 @@ void kernel_14x2(const Tile<typename S::T>& t) {
   const T* b = t.B;
   T* C = t.C;
   const int64_t ldc = t.ldc;
+  const int64_t kc = t.kc;
 
 #define FL_DECL(r) V c##r##0 = S::zero(), c##r##1 = S::zero();
   FL_ROWS14(FL_DECL)
@@ -66,7 +67,7 @@ void kernel_14x2(const Tile<typename S::T>& t) {
     c##r##1 = S::fma(ar, b1, c##r##1);      \
   }
 #pragma GCC unroll 2
-  for (int64_t k = 0; k < t.kc; ++k) {
+  for (int64_t k = 0; k < kc; ++k) {
     const V b0 = S::load(b), b1 = S::load(b + W);
     FL_ROWS14(FL_STEP)
     a += a_ks;
@@ -108,7 +109,8 @@ KernelSet<float> avx512_kernels_f32() {
   s.MC = 140; s.KC = 256; s.NC = 4064;
   s.packed_a = &kernel_14x2<F32, true>;
   s.strided_a = &kernel_14x2<F32, false>;
-  s.pack_b_t = &pack_b_t_f32_avx2;  // AVX-512 CPUs have AVX2
+  s.pack_t = &pack_t_f32_avx2;  // AVX-512 CPUs have AVX2
+  s.dot = &gemm_dot_f32_avx2;
   return s;
 }
 
