@@ -12,7 +12,7 @@ LINEAR_CASES = [
     # (in, out, bias, input shape)
     (7, 3, True, (5, 7)),
     (7, 3, False, (5, 7)),
-    (16, 33, True, (7,)),               # 1-D input
+    (16, 33, True, (16,)),              # 1-D input
     (10, 4, True, (2, 3, 4, 10)),       # leading dimensions
     (64, 17, True, (0, 64)),            # zero-size batch
     (1, 1, True, (3, 1)),

@@ -306,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   check_param(invstd_t, input, C, op, "invstd");
   Layout g = make_layout(input);
   const at::Tensor dy_t = grad_output.contiguous(g.fmt);
-  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
+             gb = no_grad_placeholder(input);  // distinct: outputs must not alias
   if (mask[0]) gi = at::empty_like(g.x, g.x.options().memory_format(g.fmt));
   if (mask[1]) gw = at::zeros({C}, input.options());
   if (mask[2]) gb = at::zeros({C}, input.options());

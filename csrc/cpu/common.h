@@ -21,7 +21,8 @@ inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* op,
               a.device());
 }
 
-// Tensor that a masked-out gradient returns.
+// Tensor that a masked-out gradient returns (a fresh one per output: outputs
+// of one op must not alias each other).
 inline at::Tensor no_grad_placeholder(const at::Tensor& like) {
   return at::empty({0}, like.options());
 }

@@ -368,7 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool direct = s.Cg == 1;
   const bool work = s.N > 0 && s.P > 0 && s.Q > 0;
-  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
+             gb = no_grad_placeholder(input);  // distinct: outputs must not alias
   at::Tensor dy, x, w;
   if (work) dy = grad_output.contiguous(fmt);
 

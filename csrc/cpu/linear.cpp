@@ -75,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
                   grad_output.size(1) == weight.size(0),
               "fastlayers.linear_backward: grad_output has shape ", grad_output.sizes(),
               ", expected [", input.size(0), ", ", weight.size(0), "]");
-  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
+             gb = no_grad_placeholder(input);  // distinct: outputs must not alias
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_linear_backward", [&] {
     if (mask[0]) {
       gi = at::empty_like(input, at::MemoryFormat::Contiguous);

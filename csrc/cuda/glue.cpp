@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
               "fastlayers.linear_backward: grad_output has shape ", grad_output.sizes(),
               ", expected [", input.size(0), ", ", weight.size(0), "]");
   c10::DeviceGuard guard(input.device());
-  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
+             gb = no_grad_placeholder(input);  // distinct: outputs must not alias
   if (mask[0]) {
     gi = at::empty(input.sizes(), input.options());
     matmul(grad_output, false, weight, false, gi, at::Tensor(), "linear_backward");
@@ -261,7 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const DType dt = dtype_tag(input.scalar_type(), op, "input");
   const at::MemoryFormat fmt = conv_format(input, weight);
   const cudaStream_t stream = current_stream(input);
-  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
+             gb = no_grad_placeholder(input);  // distinct: outputs must not alias
   set_strides(d.x_str, input);
   set_strides(d.w_str, weight);
   set_strides(d.y_str, grad_output);
@@ -573,7 +575,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
               invstd.scalar_type());
   at::Tensor gy = grad_output.contiguous(in.fmt);
   const at::ScalarType gst = pst ? *pst : input.scalar_type();
-  at::Tensor gi = no_grad_placeholder(input), gw = gi, gb = gi;
+  at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
+             gb = no_grad_placeholder(input);  // distinct: outputs must not alias
   if (mask[0]) gi = at::empty(input.sizes(), input.options().memory_format(in.fmt));
   if (mask[1]) gw = at::empty({C}, input.options().dtype(gst));
   if (mask[2]) gb = at::empty({C}, input.options().dtype(gst));

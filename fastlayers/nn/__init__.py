@@ -8,7 +8,11 @@ from torch.nn import *  # noqa: F401,F403
 from torch.nn import init, utils, parallel, parameter, modules  # noqa: F401
 
 from ..modules import BatchNorm2d, Conv2d, Linear, MaxPool2d  # noqa: F401
-from . import functional  # noqa: F401
+import importlib as _importlib
+
+# `from torch.nn import *` brought torch.nn.functional in as `functional`;
+# load ours explicitly (a plain `from . import functional` would keep torch's).
+functional = _importlib.import_module(__name__ + ".functional")
 
 
 def __getattr__(name):  # anything else torch.nn has (private helpers, new names)
