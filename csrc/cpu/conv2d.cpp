@@ -15,11 +15,16 @@
 // where col = im2col(X) over the tile (csrc/cpu/im2col.h). A 1x1 / stride 1 /
 // unpadded conv uses X (or dX) in place of col.
 //
-// Workspace: one column buffer per thread of CgRS * tile elements, with
-//   tile = pixel_tile(...) ~ kColBudgetBytes / (CgRS * sizeof(T)), at least
-//   64 pixels (or P*Q), rounded up to a multiple of 16, and none at all for
-//   pointwise convs. That is at most ~1 MiB per thread unless CgRS > 4096
-//   (float), where the 64-pixel floor wins.
+// Workspace: one column buffer per thread of CgRS * tile elements, where
+//   tmax   = max(64, kColBudgetBytes / (CgRS * sizeof(T)))       (1 MiB budget)
+//   ntiles = ceil(P*Q / tmax), raised to a multiple of the thread count (at
+//            most P*Q / 64) when N * groups < threads and P*Q >= 128
+//   tile   = min(P*Q, roundup16(ceil(P*Q / ntiles)))
+// and none for pointwise convs or the Cg == 1 direct kernels. So <= ~1 MiB
+// per thread unless CgRS > 4096 (float), where the 64-pixel floor wins.
+// E.g. float, 2 threads: 32x64x32x32 k3p1 -> 576 x 352 = 792 KiB/thread;
+// 16x3x224x224 k7s2p3 -> 147 x 1568 = 900 KiB/thread; 64x6x14x14 k5 -> 150 x
+// 100 = 59 KiB/thread. grad_weight adds (chunks - 1) partial copies of dW.
 //
 // Threads: work items (image, group, tile) are split into one chunk per
 // thread when there are enough of them (the GEMM then runs single-threaded
