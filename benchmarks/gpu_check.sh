@@ -32,12 +32,25 @@ python -c "import fastlayers, torch; print('fastlayers from', fastlayers.__file_
 echo "== tests"
 test_rc=0
 # --maxfail rather than -x: one run should show every failing case it can.
-timeout 240 python -m pytest tests/test_cuda.py -v --maxfail=25 -rs -p no:cacheprovider || test_rc=$?
+# test_errors runs on its own afterwards: a crash there must not hide the
+# other tests' failure reports.
+timeout 240 python -m pytest tests/test_cuda.py -v --maxfail=25 -rs --tb=short -p no:cacheprovider \
+  --deselect tests/test_cuda.py::test_errors || test_rc=$?
 echo "tests rc=$test_rc"
+err_rc=0
+timeout 60 python -X faulthandler -m pytest tests/test_cuda.py::test_errors -v --tb=short \
+  -p no:cacheprovider || err_rc=$?
+echo "test_errors rc=$err_rc"
+if [ "$err_rc" -gt 128 ] && command -v cuda-gdb >/dev/null 2>&1; then
+  echo "== native backtrace of the crash (cuda-gdb)"
+  timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python -m pytest \
+    tests/test_cuda.py::test_errors -q -p no:cacheprovider 2>&1 | tail -n 40 || true
+fi
+[ "$test_rc" -eq 0 ] && test_rc=$err_rc
 
 echo "== benchmark"
 bench_rc=0
-timeout 150 python benchmarks/gpu_bench.py || bench_rc=$?
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 150 python benchmarks/gpu_bench.py || bench_rc=$?
 echo "benchmark rc=$bench_rc"
 
 echo "RESULT: build ok; tests $([ $test_rc -eq 0 ] && echo passed || echo "FAILED (rc=$test_rc)"); benchmark $([ $bench_rc -eq 0 ] && echo ok || echo "FAILED (rc=$bench_rc)")"

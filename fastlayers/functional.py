@@ -69,7 +69,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
 def _same_padding(input, weight, stride, dilation):
     """padding='same': symmetric part, plus the extra right/bottom pad torch applies."""
     if any(s != 1 for s in stride):
-        raise ValueError("padding='same' is not supported for strided convolutions")
+        raise RuntimeError("padding='same' is not supported for strided convolutions")
     pads, extra = [], []
     for d, k in zip(dilation, weight.shape[2:]):
         total = d * (k - 1)
@@ -103,8 +103,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         elif padding == "same":
             input, padding = _same_padding(input, weight, stride, dilation)
         else:
-            raise ValueError(f"Invalid padding string '{padding}', should be one of "
-                             "{'valid', 'same'}")
+            raise RuntimeError(f"Invalid padding string: '{padding}', should be one of "
+                               "{'valid', 'same'}")
     else:
         padding = _int_tuple("padding", padding)
     out = Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, int(groups))

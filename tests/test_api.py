@@ -110,10 +110,22 @@ def test_nn_namespace_mirrors_torch_nn():
     assert fnn.ReLU is torch.nn.ReLU and fnn.Module is torch.nn.Module
     assert fnn.functional.conv2d is fastlayers.functional.conv2d
     assert fnn.functional.relu is torch.nn.functional.relu
-    for name in ("linear", "conv2d", "max_pool2d", "batch_norm"):
+    for name in ("batch_norm",):  # a plain Python function in torch: same signature
         ours = inspect.signature(getattr(fastlayers.functional, name)).parameters
         ref = inspect.signature(getattr(torch.nn.functional, name)).parameters
         assert list(ours) == list(ref), name
+    # linear and conv2d are builtins in torch (no inspectable signature): call
+    # both with torch's documented keyword names and compare.
+    F, T = fastlayers.functional, torch.nn.functional
+    x, w, b = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4)
+    assert_close(F.linear(input=x, weight=w, bias=b), T.linear(input=x, weight=w, bias=b))
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 2, 3, 3)
+    kw = dict(input=x, weight=w, bias=b, stride=1, padding=1, dilation=1, groups=2)
+    assert_close(F.conv2d(**kw), T.conv2d(**kw))
+    kw = dict(input=x, kernel_size=3, stride=2, padding=1, dilation=1, ceil_mode=True,
+              return_indices=True)  # torch's max_pool2d is a (*args, **kwargs) dispatcher
+    for a, b in zip(F.max_pool2d(**kw), T.max_pool2d(**kw)):
+        assert torch.equal(a, b)
 
 
 def test_thread_count_governs_our_kernels():

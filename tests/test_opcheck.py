@@ -24,8 +24,8 @@ def _cases():
     conv = ([1, 2], [1, 0], [1, 1], 2)
     yield "conv2d_forward", (t(2, 4, 7, 6), t(6, 2, 3, 3), t(6), *conv)
     yield "conv2d_forward", (t(2, 4, 7, 6, cl=True), t(6, 2, 3, 3), None, *conv)
-    yield "conv2d_backward", (t(2, 6, 5, 3), t(2, 4, 7, 6), t(6, 2, 3, 3), *conv, m)
-    yield "conv2d_backward", (t(2, 6, 5, 3, cl=True), t(2, 4, 7, 6, cl=True), t(6, 2, 3, 3),
+    yield "conv2d_backward", (t(2, 6, 7, 2), t(2, 4, 7, 6), t(6, 2, 3, 3), *conv, m)
+    yield "conv2d_backward", (t(2, 6, 7, 2, cl=True), t(2, 4, 7, 6, cl=True), t(6, 2, 3, 3),
                               *conv, [True, True, False])
     pool = ([3, 3], [2, 2], [1, 1], [1, 1])
     yield "max_pool2d_forward", (t(2, 3, 9, 8), *pool, False)
