@@ -61,7 +61,10 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
         raise RuntimeError(f"fastlayers.linear: weight must be 1-D or 2-D, got {weight.dim()}-D")
     k = input.shape[-1]
     lead = input.shape[:-1]
-    x2 = input.reshape(-1, k) if input.dim() != 2 else input
+    m = 1
+    for d in lead:
+        m *= d
+    x2 = input.reshape(m, k) if input.dim() != 2 else input
     out = LinearFunction.apply(x2, weight, bias)
     return out.reshape(*lead, weight.shape[0]) if input.dim() != 2 else out
 
@@ -164,16 +167,33 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_tensor(name, t, optional=True)
-    if input.dim() < 2:
-        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != c:
-            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    # Checks in torch's own order (F.batch_norm, then at::_batch_norm_impl_index).
     if training:
         _verify_batch_size(input.size())
-    elif running_mean is None or running_var is None:
-        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.numel() == 0:
+        # torch: an empty input passes through (the output stays in the graph).
+        out = input.clone()
+        if weight is not None:
+            out = out * weight[0]
+        if bias is not None:
+            out = out + bias[0]
+        return out
+    c = input.shape[1] if input.dim() >= 2 else 0
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            if t.numel() != c:
+                raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+        elif not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    if input.dim() < 2:  # torch fails here reading size(1)
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1): "
+                         "batch_norm expects an (N, C, *) input")
     return BatchNorm2dFunction.apply(input, weight, bias, running_mean, running_var,
                                      bool(training), float(momentum), float(eps))

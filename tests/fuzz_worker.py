@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 import fastlayers
 
 MISMATCHES = []
+# torch errors that are torch's own internal failures, not argument checks
+# (e.g. batch_norm on a 1-D strided view trips setStorage in torch 2.13).
+KNOWN_TORCH_BUGS = ("setStorage:",)
 COUNT = [0]
 
 
@@ -52,6 +55,11 @@ def check(config, make_inputs, run):
              for t in ins_t]
     rt, et = _call(lambda: run(torch.nn.functional, *ins_t))
     ro, eo = _call(lambda: run(fastlayers.functional, *ins_o))
+    if et is not None and any(k in str(et) for k in KNOWN_TORCH_BUGS):
+        return  # documented torch failure: ours raises a clear error instead
+    if et is None and eo is not None and rt is not None and rt.numel() == 0 \
+            and "non-positive" in str(eo):
+        return  # documented: torch skips argument checks on empty batches; we still check
     if et is not None or eo is not None:
         if type(et) is not type(eo):
             MISMATCHES.append({"config": config, "torch": repr(et)[:200], "ours": repr(eo)[:200]})
