@@ -1,8 +1,11 @@
-// Host-side check of the conv2d implicit-GEMM index maps (csrc/cuda/conv2d.cuh)
-// against direct loops, for NCHW and channels_last strides, groups, stride,
+// Host-side check of the conv2d implicit-GEMM index maps (csrc/cuda/conv2d.cuh),
+// run both as a naive GEMM and through a host replica of the tiled SIMT kernel
+// (tiles, split-K, workspace, ordered reduction), against direct loops, for NCHW and channels_last strides, groups, stride,
 // padding and dilation; plus the GEMM split-K planner. Needs nvcc, no GPU:
 //   nvcc -std=c++17 -Icsrc .ci/host_check.cu -o /tmp/host_check && /tmp/host_check
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -35,6 +38,106 @@ static void run_problem(const P& p, int64_t groups) {
         for (int64_t k = 0; k < p.K; ++k) acc += p.a(g, i, k) * p.b(g, k, j);
         p.store(g, i, j, acc);
       }
+}
+
+
+// Host replica of gemm_simt_kernel + gemm_splitk_reduce (gemm_kernels.cuh): the
+// same tile walk, thread -> element maps, split-K chunks and workspace layout,
+// with the __syncthreads phases run one after the other for all 256 threads.
+template <class P, int BM, int BN, int BK, int TM, int TN>
+static void emulate_simt(const P& p, int64_t groups, DType dt) {
+  using T = typename P::T;
+  using Acc = typename Num<T>::Acc;
+  const GemmPlan pl = plan_gemm(p.M, p.N, p.K, groups, dt);
+  constexpr int NT = kGemmThreads, AE = BM * BK / NT, BE = BK * BN / NT;
+  std::vector<Acc> ws(pl.splits > 1 ? size_t(pl.ws_bytes / sizeof(Acc)) : 0, Acc(NAN));
+  const int64_t gy = ceil_div(p.M, BM), gx = ceil_div(p.N, BN), gz = groups * pl.splits;
+  static T As[2][BK][BM + 4], Bs[2][BK][BN + 4];
+  std::vector<T> ra(NT * AE), rb(NT * BE);
+  std::vector<Acc> acc(NT * TM * TN);
+  for (int64_t bz = 0; bz < gz; ++bz)
+    for (int64_t by = 0; by < gy; ++by)
+      for (int64_t bx = 0; bx < gx; ++bx) {
+        const int zg = int(bz), g = zg / pl.splits, sp = zg % pl.splits;
+        const int64_t m0 = by * BM, n0 = bx * BN, kbeg = int64_t(sp) * pl.kchunk;
+        const int64_t kend = kbeg + pl.kchunk < p.K ? kbeg + pl.kchunk : p.K;
+        const int64_t ntiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
+        auto a_pos = [&](int tid, int r, int& ml, int& kl) {
+          const int e = tid + r * NT;
+          if (p.a_k_fast) { kl = e % BK; ml = e / BK; } else { ml = e % BM; kl = e / BM; }
+        };
+        auto b_pos = [&](int tid, int r, int& kl, int& nl) {
+          const int e = tid + r * NT;
+          if (p.b_k_fast) { kl = e % BK; nl = e / BK; } else { nl = e % BN; kl = e / BN; }
+        };
+        auto fetch = [&](int tid, int64_t k0) {
+          for (int r = 0; r < AE; ++r) {
+            int ml, kl; a_pos(tid, r, ml, kl);
+            const int64_t gm = m0 + ml, gk = k0 + kl;
+            ra[tid * AE + r] = (gm < p.M && gk < kend) ? p.a(g, gm, gk) : zero_of<T>();
+          }
+          for (int r = 0; r < BE; ++r) {
+            int kl, nl; b_pos(tid, r, kl, nl);
+            const int64_t gn = n0 + nl, gk = k0 + kl;
+            rb[tid * BE + r] = (gn < p.N && gk < kend) ? p.b(g, gk, gn) : zero_of<T>();
+          }
+        };
+        auto stash = [&](int tid, int buf) {
+          for (int r = 0; r < AE; ++r) { int ml, kl; a_pos(tid, r, ml, kl); As[buf][kl][ml] = ra[tid * AE + r]; }
+          for (int r = 0; r < BE; ++r) { int kl, nl; b_pos(tid, r, kl, nl); Bs[buf][kl][nl] = rb[tid * BE + r]; }
+        };
+        for (auto& v : acc) v = Acc(0);
+        if (ntiles > 0) for (int tid = 0; tid < NT; ++tid) { fetch(tid, kbeg); stash(tid, 0); }
+        for (int64_t t = 0; t < ntiles; ++t) {
+          const int buf = int(t & 1);
+          for (int tid = 0; tid < NT; ++tid) {
+            const int tx = tid % 16, ty = tid / 16;
+            if (t + 1 < ntiles) fetch(tid, kbeg + (t + 1) * BK);
+            for (int kk = 0; kk < BK; ++kk)
+              for (int i = 0; i < TM; ++i)
+                for (int j = 0; j < TN; ++j)
+                  acc[(tid * TM + i) * TN + j] = std::fma(Num<T>::to_acc(As[buf][kk][ty + 16 * i]),
+                      Num<T>::to_acc(Bs[buf][kk][tx + 16 * j]), acc[(tid * TM + i) * TN + j]);
+          }
+          if (t + 1 < ntiles) for (int tid = 0; tid < NT; ++tid) stash(tid, buf ^ 1);
+        }
+        for (int tid = 0; tid < NT; ++tid) {
+          const int tx = tid % 16, ty = tid / 16;
+          for (int i = 0; i < TM; ++i) {
+            const int64_t gm = m0 + ty + 16 * i;
+            if (gm >= p.M) continue;
+            for (int j = 0; j < TN; ++j) {
+              const int64_t gn = n0 + tx + 16 * j;
+              if (gn >= p.N) continue;
+              const Acc v = acc[(tid * TM + i) * TN + j];
+              if (pl.splits > 1) {
+                const int64_t o = (int64_t(zg) * p.M + gm) * p.N + gn;
+                if (o < 0 || o >= int64_t(ws.size())) { std::printf("FAIL ws index\n"); std::exit(1); }
+                ws[o] = v;
+              } else {
+                p.store(g, gm, gn, v);
+              }
+            }
+          }
+        }
+      }
+  if (pl.splits > 1) {
+    const int64_t mn = p.M * p.N;
+    for (int64_t q = 0; q < groups * mn; ++q) {
+      const int64_t g = q / mn, r = q - g * mn, i = r / p.N, j = r - i * p.N;
+      const Acc* w = ws.data() + g * pl.splits * mn + r;
+      Acc s = Acc(0);
+      for (int k = 0; k < pl.splits; ++k) s += w[int64_t(k) * mn];
+      p.store(int(g), i, j, s);
+    }
+  }
+}
+
+template <class P>
+static void run_tiled(const P& p, int64_t groups, DType dt) {
+  const GemmPlan pl = plan_gemm(p.M, p.N, p.K, groups, dt);
+  if (pl.cfg == 1) emulate_simt<P, 128, 128, 8, 8, 8>(p, groups, dt);
+  else emulate_simt<P, 64, 64, 8, 4, 4>(p, groups, dt);
 }
 
 static double maxdiff(const std::vector<double>& a, const std::vector<double>& b) {
@@ -88,7 +191,15 @@ static int check(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t 
   run_problem(ConvFwd<double>(d, x.data(), w.data(), b.data(), y.data()), G);
   run_problem(ConvDgrad<double>(d, gy.data(), w.data(), gx.data()), G);
   run_problem(ConvWgrad<double>(d, gy.data(), x.data(), gw.data()), G);
-  const double e1 = maxdiff(y, y_ref), e2 = maxdiff(gx, gx_ref), e3 = maxdiff(gw, gw_ref);
+  double e1 = maxdiff(y, y_ref), e2 = maxdiff(gx, gx_ref), e3 = maxdiff(gw, gw_ref);
+  // The same through the emulated tiled kernel (tiles, split-K, workspace).
+  std::fill(y.begin(), y.end(), NAN); std::fill(gx.begin(), gx.end(), NAN);
+  std::fill(gw.begin(), gw.end(), NAN);
+  run_tiled(ConvFwd<double>(d, x.data(), w.data(), b.data(), y.data()), G, DType::F64);
+  run_tiled(ConvDgrad<double>(d, gy.data(), w.data(), gx.data()), G, DType::F64);
+  run_tiled(ConvWgrad<double>(d, gy.data(), x.data(), gw.data()), G, DType::F64);
+  e1 = std::fmax(e1, maxdiff(y, y_ref)); e2 = std::fmax(e2, maxdiff(gx, gx_ref));
+  e3 = std::fmax(e3, maxdiff(gw, gw_ref));
   const bool ok = e1 < 1e-9 && e2 < 1e-9 && e3 < 1e-9;
   std::printf("%s N%ld C%ld %ldx%ld K%ld k%ldx%ld s%ld,%ld p%ld,%ld d%ld,%ld g%ld cl%d%d%d: "
               "fwd %.1e dgrad %.1e wgrad %.1e\n", ok ? "ok  " : "FAIL", long(N), long(C), long(H),
@@ -106,6 +217,17 @@ int main() {
   bad += check(3, 5, 12, 13, 7, 5, 5, 3, 2, 2, 2, 2, 1, 1, false, true, false);
   bad += check(2, 8, 6, 6, 16, 1, 1, 1, 1, 0, 0, 1, 1, 4, true, false, false);
   bad += check(1, 2, 5, 5, 2, 5, 5, 1, 1, 0, 0, 1, 1, 1, false, false, false);
+  // tests/test_cuda.py::test_gradcheck's conv (groups 2, stride 2x1, pad 1x0, dilation 1x2).
+  bad += check(2, 4, 6, 7, 4, 3, 2, 2, 1, 1, 0, 1, 2, 2, false, false, false);
+  bad += check(2, 4, 6, 7, 4, 3, 2, 2, 1, 1, 0, 1, 2, 2, true, false, true);
+  // The grouped conv of test_modules_match_torch_nn_on_cuda (16 -> 8, 3x3, pad 1, groups 2).
+  bad += check(8, 16, 8, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 2, false, false, false);
+  bad += check(8, 16, 8, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 2, true, false, true);
+  // Split-K weight gradients (emulated tiles): the net's first conv (2 splits), and
+  // grouped with stride/dilation (workspace indexed by blockIdx.z = g * splits + split).
+  bad += check(8, 3, 16, 16, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, false, false);
+  bad += check(8, 4, 32, 32, 4, 3, 3, 1, 1, 1, 1, 1, 1, 2, true, false, true);
+  bad += check(4, 6, 45, 47, 9, 3, 2, 2, 1, 1, 0, 1, 2, 3, false, true, false);
   // Planner: splits and workspace for the benchmark shapes.
   struct Case { const char* what; int64_t M, N, K, G; DType dt; };
   const Case cases[] = {
