@@ -14,6 +14,15 @@ nvidia-smi || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 
 echo "== build"
+# The GPU image sets CXX to a g++ wrapper (/opt/gcc/bin/g++) whose build of the
+# extension crashed inside libstdc++'s ostream code whenever a TORCH_CHECK
+# message formatted an integer (seen on the H200: SIGSEGV in
+# ostream::_M_insert<long>, instantiated inside our .so). The distribution's
+# g++ (same GCC 13.3) builds a working extension, so prefer it.
+if [ -x /usr/bin/g++ ] && [ "${FASTLAYERS_KEEP_CXX:-0}" = 0 ]; then
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
+echo "CXX=${CXX:-default}"
 t0=$(date +%s)
 build_rc=0
 BUILD_LOG="${OUT:-.}/build.log"
