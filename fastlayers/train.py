@@ -170,8 +170,8 @@ def build_parser():
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="write metrics.json, curves.png and model.pt here")
+    p.add_argument("--out", default="runs/train", metavar="DIR",
+                   help="write metrics.json, curves.png and model.pt here (default: runs/train)")
     p.add_argument("--compare-torch", action="store_true",
                    help="also train the torch.nn twin from the same initial weights and data "
                         "order; plot both and report the speedup")
