@@ -11,6 +11,10 @@
 #include <vector>
 
 #include "cuda/conv2d.cuh"
+// The max-pool and batch-norm fast paths: their per-element device functions
+// (FL_HD) are run here on the host against direct loops.
+#include "cuda/batch_norm.cu"
+#include "cuda/max_pool2d.cu"
 
 using namespace fastlayers::cuda;
 
@@ -208,8 +212,218 @@ static int check(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t 
   return ok ? 0 : 1;
 }
 
+// ---- FastDiv, max-pool fast paths, batch-norm vector paths -----------------------
+static int check_fastdiv() {
+  std::uniform_int_distribution<uint32_t> U(0, 0x7fffffffu);
+  int bad = 0;
+  std::vector<uint32_t> ds;
+  for (uint32_t d = 1; d <= 3000; ++d) ds.push_back(d);
+  for (int i = 0; i < 3000; ++i) ds.push_back(1 + U(rng) % 0x7fffffffu);
+  ds.push_back(0x7fffffffu); ds.push_back(0x40000000u); ds.push_back(0x40000001u);
+  for (uint32_t d : ds) {
+    const FastDiv f(d);
+    uint32_t ns[] = {0, 1, d - 1, d, d + 1, 2 * d - 1, 0x7fffffffu, 0x7ffffffeu, U(rng), U(rng),
+                     U(rng) % 100000u, U(rng) % (1u << 20)};
+    for (uint32_t n : ns) {
+      if (n > 0x7fffffffu) continue;
+      if (f.div(n) != n / d) { if (bad++ < 5) std::printf("FAIL fastdiv %u / %u\n", n, d); }
+    }
+  }
+  std::printf("%s FastDiv (%zu divisors)\n", bad ? "FAIL" : "ok  ", ds.size());
+  return bad ? 1 : 0;
+}
+
+static int64_t ref_pool_out(int64_t in, int64_t k, int64_t pad, int64_t stride, bool ceil) {
+  const int64_t num = in + 2 * pad - (k - 1) - 1 + (ceil ? stride - 1 : 0);
+  int64_t out = num / stride + 1;
+  if (ceil && (out - 1) * stride >= in + pad) --out;
+  return out;
+}
+
+template <typename S>
+static int check_pool(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool ceil, bool cl) {
+  PoolDesc d;
+  d.N = N; d.C = C; d.H = H; d.W = W; d.kh = kh; d.kw = kw; d.sh = sh; d.sw = sw;
+  d.ph = ph; d.pw = pw;
+  d.P = ref_pool_out(H, kh, ph, sh, ceil); d.Q = ref_pool_out(W, kw, pw, sw, ceil);
+  const int64_t P = d.P, Q = d.Q;
+  strides(N, C, H, W, cl, d.in_str);
+  strides(N, C, P, Q, cl, d.out_str);
+  strides(N, C, P, Q, cl, d.off_str);
+  d.in_channels_last = d.out_channels_last = cl;
+  int bad = 0;
+  // (C == 1 or H == W == 1: both layouts are the same memory; NCHW is picked.)
+  if (pool_fast_layout(d, false) != (cl && C > 1 && H * W > 1 ? 2 : 1)) { std::printf("FAIL fast layout not chosen\n"); bad++; }
+  if (pool_fast_layout(d, true) != 0) { std::printf("FAIL fast layout with int32 offsets\n"); bad++; }
+  const PoolFast f = make_pool_fast(d);
+  const int64_t nin = N * C * H * W, nout = N * C * P * Q;
+  // Small integers: many ties; a few NaNs.
+  std::uniform_int_distribution<int> vi(-3, 3), nanp(0, 40);
+  std::vector<S> x(nin);
+  for (auto& v : x) v = nanp(rng) == 0 ? S(NAN) : S(vi(rng));
+  std::vector<S> y(nout);
+  std::vector<uint8_t> off(nout);
+  for (int64_t t = 0; t < nout; ++t) pool_fwd_fast_elem<S, false>(f, uint32_t(t), x.data(), y.data(), off.data());
+  if (cl) for (int64_t t = 0; t < nout; ++t) pool_fwd_fast_elem<S, true>(f, uint32_t(t), x.data(), y.data(), off.data());
+  auto xi = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
+    return n * d.in_str[0] + c * d.in_str[1] + h * d.in_str[2] + w * d.in_str[3]; };
+  auto oi = [&](int64_t n, int64_t c, int64_t p, int64_t q) {
+    return n * d.out_str[0] + c * d.out_str[1] + p * d.out_str[2] + q * d.out_str[3]; };
+  int64_t nans = 0;
+  for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c)
+    for (int64_t p = 0; p < P; ++p) for (int64_t q = 0; q < Q; ++q) {
+      // torch's rule over the full window: first max wins, a NaN replaces.
+      S best = S(-INFINITY); int64_t bk = -1;
+      for (int64_t r = 0; r < kh; ++r) for (int64_t s = 0; s < kw; ++s) {
+        const int64_t h = p * sh - ph + r, w = q * sw - pw + s;
+        if (h < 0 || h >= H || w < 0 || w >= W) continue;
+        const S v = x[xi(n, c, h, w)];
+        if (bk < 0 || v > best || std::isnan(v)) { best = v; bk = r * kw + s; }
+      }
+      const int64_t o = oi(n, c, p, q);
+      nans += std::isnan(best);
+      const bool same = (std::isnan(best) && std::isnan(y[o])) || best == y[o];
+      if (!same || int64_t(off[o]) != bk) {
+        if (bad++ < 5) std::printf("FAIL pool fwd n%ld c%ld p%ld q%ld: %g/%d vs %g/%ld\n", long(n),
+                                   long(c), long(p), long(q), double(y[o]), int(off[o]),
+                                   double(best), long(bk));
+      }
+    }
+  // Backward twice: offsets from the forward, then random offsets (also into padding).
+  std::uniform_int_distribution<int> ki(0, int(kh * kw - 1));
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) for (auto& o : off) o = uint8_t(ki(rng));
+    std::vector<S> gy(nout), gx(nin, S(NAN)), ref(nin, S(0));
+    for (auto& v : gy) v = S(vi(rng) + 4 * nanp(rng));
+    for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < P; ++p) for (int64_t q = 0; q < Q; ++q) {
+        const int64_t o = oi(n, c, p, q), k = off[o];
+        const int64_t h = p * sh - ph + k / kw, w = q * sw - pw + k % kw;
+        if (h < 0 || h >= H || w < 0 || w >= W) continue;
+        ref[xi(n, c, h, w)] += gy[o];
+      }
+    for (int64_t t = 0; t < nin; ++t) {
+      if (cl) pool_bwd_fast_elem<S, true>(f, uint32_t(t), gy.data(), off.data(), gx.data());
+      else pool_bwd_fast_elem<S, false>(f, uint32_t(t), gy.data(), off.data(), gx.data());
+    }
+    for (int64_t t = 0; t < nin; ++t)
+      if (!(gx[t] == ref[t])) {
+        if (bad++ < 5) std::printf("FAIL pool bwd pass %d elem %ld: %g vs %g\n", pass, long(t),
+                                   double(gx[t]), double(ref[t]));
+      }
+  }
+  std::printf("%s pool %s N%ld C%ld %ldx%ld -> %ldx%ld k%ldx%ld s%ld,%ld p%ld,%ld ceil%d cl%d"
+              " (%ld NaN outputs)\n", bad ? "FAIL" : "ok  ", sizeof(S) == 4 ? "f32" : "f64",
+              long(N), long(C), long(H), long(W), long(P), long(Q), long(kh), long(kw), long(sh),
+              long(sw), long(ph), long(pw), int(ceil), int(cl), long(nans));
+  return bad ? 1 : 0;
+}
+
+// Batch norm: the vectorised per-thread reductions, emulating the block/split walk
+// of bn_stats_partial_vec / bn_bwd_partial_vec, and the vector -> channel map.
+template <typename S>
+static int check_bn(int64_t N, int64_t C, int64_t Sp, bool cl) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int V = bn_vec<S>();
+  BNDesc d;
+  d.N = N; d.C = C; d.S = Sp; d.channels_last = cl;
+  if (cl) { d.sN = C * Sp; d.sC = 1; d.sS = C; } else { d.sN = C * Sp; d.sC = Sp; d.sS = 1; }
+  const int64_t total = N * C * Sp;
+  std::vector<S> x(total + 4), gy(total + 4);  // 16-byte aligned data (malloc)
+  std::normal_distribution<double> nd(0.5, 2.0);
+  for (auto& v : x) v = S(nd(rng));
+  for (auto& v : gy) v = S(nd(rng));
+  int bad = 0;
+  if (!cl && bn_planes_ok<S>(d)) {
+    const BNPlanes pl = bn_planes<S>(d);
+    const int64_t splits = bn_splits(d);
+    const uint32_t vecs = uint32_t(N) * pl.SV, chunk = uint32_t(ceil_div(vecs, splits));
+    for (int64_t c = 0; c < C; ++c) {
+      double n = 0, mean = 0, m2 = 0, sdy = 0, sdyx = 0;
+      const Acc mu = Acc(0.25);
+      std::vector<int> seen(total, 0);
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const uint32_t v0 = std::min(uint32_t(sp) * chunk, vecs), v1 = std::min(v0 + chunk, vecs);
+        for (uint32_t tid = 0; tid < 256; ++tid) {
+          Acc tn = 0, tm = 0, tm2 = 0, a = 0, b = 0;
+          bn_stats_thread<S>(pl, x.data(), c, v0 + tid, v1, 256, tn, tm, tm2);
+          welford_merge<double>(n, mean, m2, double(tn), double(tm), double(tm2));
+          bn_bwd_sums_thread<S>(pl, gy.data(), x.data(), c, mu, v0 + tid, v1, 256, a, b);
+          sdy += a; sdyx += b;
+          for (uint32_t v = v0 + tid; v < v1; v += 256) {
+            const int64_t o = bn_plane_vec_offset<S>(pl, c, v);
+            for (int i = 0; i < V; ++i) seen[o + i]++;
+          }
+        }
+      }
+      double rs = 0, rss = 0, rdy = 0, rdyx = 0;
+      int cover_bad = 0;
+      for (int64_t nn = 0; nn < N; ++nn) for (int64_t s = 0; s < Sp; ++s) {
+        const int64_t o = nn * d.sN + c * d.sC + s;
+        rs += double(x[o]); rdy += double(gy[o]); rdyx += double(gy[o]) * (double(x[o]) - 0.25);
+        cover_bad += seen[o] != 1;
+      }
+      const double rmean = rs / double(N * Sp);
+      for (int64_t nn = 0; nn < N; ++nn) for (int64_t s = 0; s < Sp; ++s) {
+        const double e = double(x[nn * d.sN + c * d.sC + s]) - rmean; rss += e * e;
+      }
+      const double tol = sizeof(S) == 8 ? 1e-10 : 1e-4;
+      const double M = double(N * Sp);
+      if (cover_bad || n != M || std::fabs(mean - rmean) > tol * (1 + std::fabs(rmean)) ||
+          std::fabs(m2 / M - rss / M) > tol * (1 + rss / M) ||
+          std::fabs(sdy - rdy) > tol * M || std::fabs(sdyx - rdyx) > tol * M * 4) {
+        if (bad++ < 5) std::printf("FAIL bn stats c%ld: cover %d n %g/%g mean %g/%g var %g/%g "
+                                   "sdy %g/%g sdyx %g/%g\n", long(c), cover_bad, n, M, mean, rmean,
+                                   m2 / M, rss / M, sdy, rdy, sdyx, rdyx);
+      }
+    }
+  } else if (!cl) {
+    std::printf("FAIL bn planes path not taken\n"); bad++;
+  }
+  if (!bn_elems_ok<S>(d)) { std::printf("FAIL bn elems path not taken\n"); bad++; }
+  else {
+    const BNElems e = bn_elems<S>(d);
+    for (uint32_t v = 0; v < uint32_t(total / V); ++v) {
+      const uint32_t c0 = bn_vec_channel<S>(e, v);
+      for (int i = 0; i < V; ++i) {
+        const int64_t t = int64_t(v) * V + i;
+        const int64_t cref = cl ? t % C : (t / Sp) % C;
+        if (int64_t(c0 + (cl ? i : 0)) != cref) {
+          if (bad++ < 5) std::printf("FAIL bn channel of %ld: %u vs %ld\n", long(t), c0, long(cref));
+        }
+      }
+    }
+  }
+  std::printf("%s bn %s N%ld C%ld S%ld cl%d splits %ld\n", bad ? "FAIL" : "ok  ",
+              sizeof(S) == 8 ? "f64" : "f32", long(N), long(C), long(Sp), int(cl),
+              long(bn_splits(d)));
+  return bad ? 1 : 0;
+}
+
 int main() {
   int bad = 0;
+  bad += check_fastdiv();
+  for (int cl = 0; cl < 2; ++cl) {
+    bad += check_pool<float>(2, 3, 11, 13, 3, 3, 2, 2, 1, 1, false, cl);   // resnet stem-like
+    bad += check_pool<float>(2, 3, 11, 13, 3, 3, 2, 2, 1, 1, true, cl);    // ceil_mode
+    bad += check_pool<float>(1, 2, 10, 9, 3, 2, 2, 3, 1, 1, true, cl);    // last window in padding
+    bad += check_pool<double>(2, 5, 7, 8, 2, 2, 2, 2, 0, 0, false, cl);
+    bad += check_pool<double>(1, 4, 9, 10, 3, 3, 1, 1, 1, 1, false, cl);  // stride < kernel
+    bad += check_pool<float>(2, 3, 17, 15, 5, 4, 3, 2, 2, 2, true, cl);   // overlap, odd
+    bad += check_pool<float>(1, 2, 13, 12, 2, 3, 3, 4, 1, 1, true, cl);   // stride > kernel
+    bad += check_pool<float>(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, false, cl);
+    bad += check_pool<float>(1, 3, 6, 5, 4, 4, 1, 2, 2, 2, true, cl);
+    bad += check_pool<double>(2, 2, 19, 6, 7, 1, 5, 1, 3, 0, true, cl);
+  }
+  bad += check_bn<float>(3, 5, 12, false);
+  bad += check_bn<float>(4, 3, 4 * 37, false);
+  bad += check_bn<float>(32, 2, 112 * 112, false);
+  bad += check_bn<double>(3, 7, 10, false);
+  bad += check_bn<float>(5, 1, 4096 * 3 + 4, false);    // uneven splits
+  bad += check_bn<double>(3, 2, 4096 * 5 + 2, false);
+  bad += check_bn<float>(3, 8, 7, true);
+  bad += check_bn<double>(2, 6, 5, true);
   bad += check(2, 3, 9, 11, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, false, false);
   bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, false, false, false);
   bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, true, false, true);

@@ -16,6 +16,154 @@ namespace {
 
 constexpr int kPoolThreads = 256;
 
+#ifndef FL_FASTDIV_DEFINED
+#define FL_FASTDIV_DEFINED
+// Exact n / d for n, d < 2^31 by a multiply-high and a shift (Granlund-Montgomery,
+// as torch's IntDivider): d > 0, n < 2^31.
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t div) : d(div) {
+    s = 0;
+    while (s < 32 && (uint64_t(1) << s) < div) ++s;
+    m = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << s) - div)) / div + 1);
+  }
+  FL_HD __forceinline__ uint32_t div(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t t = __umulhi(n, m);
+#else
+    const uint32_t t = uint32_t((uint64_t(n) * m) >> 32);
+#endif
+    return (t + n) >> s;
+  }
+};
+#endif
+
+// ---- Fast paths: dense NCHW or dense NHWC tensors, dilation 1, uint8 offsets, --
+// ---- fewer than 2^31 elements (32-bit index math). -----------------------------
+struct PoolFast {
+  int C, H, W, P, Q, kh, kw, sh, sw, ph, pw;
+  FastDiv dC, dH, dW, dP, dQ, dsh, dsw;
+};
+
+inline PoolFast make_pool_fast(const PoolDesc& d) {
+  PoolFast f;
+  f.C = int(d.C); f.H = int(d.H); f.W = int(d.W); f.P = int(d.P); f.Q = int(d.Q);
+  f.kh = int(d.kh); f.kw = int(d.kw); f.sh = int(d.sh); f.sw = int(d.sw);
+  f.ph = int(d.ph); f.pw = int(d.pw);
+  f.dC = FastDiv(uint32_t(d.C)); f.dH = FastDiv(uint32_t(d.H)); f.dW = FastDiv(uint32_t(d.W));
+  f.dP = FastDiv(uint32_t(d.P)); f.dQ = FastDiv(uint32_t(d.Q));
+  f.dsh = FastDiv(uint32_t(d.sh)); f.dsw = FastDiv(uint32_t(d.sw));
+  return f;
+}
+
+// Output element t (memory order) of the forward: same scan order and update
+// rule as max_pool_fwd_kernel (r, s ascending; first max wins; a NaN replaces),
+// restricted to the in-bounds part of the window.
+template <typename S, bool CL>
+FL_HD __forceinline__ void pool_fwd_fast_elem(const PoolFast& f, uint32_t t,
+                                              const S* __restrict__ x, S* __restrict__ y,
+                                              uint8_t* __restrict__ off) {
+  using Acc = typename Num<S>::Acc;
+  int p, q;
+  uint32_t xbase, xstep;  // x index of (h, w) = xbase + (h * W + w) * xstep
+  if (CL) {
+    const uint32_t r1 = f.dC.div(t), c = t - r1 * uint32_t(f.C);
+    const uint32_t r2 = f.dQ.div(r1);
+    q = int(r1 - r2 * uint32_t(f.Q));
+    const uint32_t n = f.dP.div(r2);
+    p = int(r2 - n * uint32_t(f.P));
+    xbase = n * uint32_t(f.H) * uint32_t(f.W) * uint32_t(f.C) + c;
+    xstep = uint32_t(f.C);
+  } else {
+    const uint32_t r1 = f.dQ.div(t);
+    q = int(t - r1 * uint32_t(f.Q));
+    const uint32_t nc = f.dP.div(r1);
+    p = int(r1 - nc * uint32_t(f.P));
+    xbase = nc * uint32_t(f.H) * uint32_t(f.W);
+    xstep = 1;
+  }
+  const int h0 = p * f.sh - f.ph, w0 = q * f.sw - f.pw;
+  const int hs = h0 > 0 ? h0 : 0, he = h0 + f.kh < f.H ? h0 + f.kh : f.H;
+  const int ws = w0 > 0 ? w0 : 0, we = w0 + f.kw < f.W ? w0 + f.kw : f.W;
+  Acc best = Acc(-INFINITY);
+  S best_s = Num<S>::from_acc(best);
+  int best_k = -1;
+  for (int h = hs; h < he; ++h) {
+    const uint32_t row = xbase + uint32_t(h) * uint32_t(f.W) * xstep;
+    const int kr = (h - h0) * f.kw - w0;
+    for (int w = ws; w < we; ++w) {
+      const S vs = x[row + uint32_t(w) * xstep];
+      const Acc v = Num<S>::to_acc(vs);
+      if (best_k < 0 || v > best || isnan(v)) { best = v; best_s = vs; best_k = kr + w; }
+    }
+  }
+  y[t] = best_s;
+  off[t] = uint8_t(best_k < 0 ? 0 : best_k);
+}
+
+// Input element t (memory order) of the backward: the windows that can cover
+// row h are p in [pstart, pend) (dilation 1), walked in the same order as
+// max_pool_bwd_kernel (r ascending = p descending; s ascending = q descending).
+template <typename S, bool CL>
+FL_HD __forceinline__ void pool_bwd_fast_elem(const PoolFast& f, uint32_t t,
+                                              const S* __restrict__ gy,
+                                              const uint8_t* __restrict__ off,
+                                              S* __restrict__ gx) {
+  using Acc = typename Num<S>::Acc;
+  int h, w;
+  uint32_t obase, ostep;  // gy/off index of (p, q) = obase + (p * Q + q) * ostep
+  if (CL) {
+    const uint32_t r1 = f.dC.div(t), c = t - r1 * uint32_t(f.C);
+    const uint32_t r2 = f.dW.div(r1);
+    w = int(r1 - r2 * uint32_t(f.W));
+    const uint32_t n = f.dH.div(r2);
+    h = int(r2 - n * uint32_t(f.H));
+    obase = n * uint32_t(f.P) * uint32_t(f.Q) * uint32_t(f.C) + c;
+    ostep = uint32_t(f.C);
+  } else {
+    const uint32_t r1 = f.dW.div(t);
+    w = int(t - r1 * uint32_t(f.W));
+    const uint32_t nc = f.dH.div(r1);
+    h = int(r1 - nc * uint32_t(f.H));
+    obase = nc * uint32_t(f.P) * uint32_t(f.Q);
+    ostep = 1;
+  }
+  const int hp = h + f.ph, wp = w + f.pw;
+  int pend = int(f.dsh.div(uint32_t(hp))) + 1;
+  if (pend > f.P) pend = f.P;
+  const int pstart = hp < f.kh ? 0 : int(f.dsh.div(uint32_t(hp - f.kh))) + 1;
+  int qend = int(f.dsw.div(uint32_t(wp))) + 1;
+  if (qend > f.Q) qend = f.Q;
+  const int qstart = wp < f.kw ? 0 : int(f.dsw.div(uint32_t(wp - f.kw))) + 1;
+  Acc sum = Acc(0);
+  for (int p = pend - 1; p >= pstart; --p) {
+    const int kr = (hp - p * f.sh) * f.kw + wp;
+    const uint32_t row = obase + uint32_t(p) * uint32_t(f.Q) * ostep;
+    for (int q = qend - 1; q >= qstart; --q) {
+      const uint32_t o = row + uint32_t(q) * ostep;
+      if (int(off[o]) == kr - q * f.sw) sum += Num<S>::to_acc(gy[o]);
+    }
+  }
+  gx[t] = Num<S>::from_acc(sum);
+}
+
+template <typename S, bool CL>
+__global__ void max_pool_fwd_fast(PoolFast f, int64_t total, const S* __restrict__ x,
+                                  S* __restrict__ y, uint8_t* __restrict__ off) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x)
+    pool_fwd_fast_elem<S, CL>(f, uint32_t(t), x, y, off);
+}
+
+template <typename S, bool CL>
+__global__ void max_pool_bwd_fast(PoolFast f, int64_t total, const S* __restrict__ gy,
+                                  const uint8_t* __restrict__ off, S* __restrict__ gx) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x)
+    pool_bwd_fast_elem<S, CL>(f, uint32_t(t), gy, off, gx);
+}
+
 template <typename S, typename O>
 __global__ void max_pool_fwd_kernel(PoolDesc d, const S* __restrict__ x, S* __restrict__ y,
                                     O* __restrict__ off) {
@@ -94,6 +242,28 @@ __global__ void max_pool_indices_kernel(PoolDesc d, const O* __restrict__ off,
   }
 }
 
+bool dense_as(const int64_t (&st)[4], int64_t C, int64_t H, int64_t W, bool cl) {
+  if (cl) return st[1] == 1 && st[3] == C && st[2] == W * C && st[0] == H * W * C;
+  return st[3] == 1 && st[2] == W && st[1] == H * W && st[0] == C * H * W;
+}
+
+// 0: generic kernels; 1: fast NCHW; 2: fast NHWC. `off_str` must equal `out_str`.
+int pool_fast_layout(const PoolDesc& d, bool offsets_int32) {
+  constexpr int64_t kLim = int64_t(1) << 31;
+  if (offsets_int32 || d.dh != 1 || d.dw != 1) return 0;
+  if (d.N <= 0 || d.C <= 0 || d.H <= 0 || d.W <= 0 || d.P <= 0 || d.Q <= 0) return 0;
+  if (d.N * d.C * d.H * d.W >= kLim || d.N * d.C * d.P * d.Q >= kLim) return 0;
+  if (d.H >= kLim / 2 || d.W >= kLim / 2) return 0;  // h + ph, w + pw stay < 2^31
+  if (d.kh * d.kw > 256 || d.sh >= kLim || d.sw >= kLim || d.ph > d.kh / 2 || d.pw > d.kw / 2)
+    return 0;
+  for (int i = 0; i < 4; ++i)
+    if (d.off_str[i] != d.out_str[i]) return 0;
+  for (int cl = 0; cl < 2; ++cl)
+    if (dense_as(d.in_str, d.C, d.H, d.W, cl) && dense_as(d.out_str, d.C, d.P, d.Q, cl))
+      return 1 + cl;
+  return 0;
+}
+
 }  // namespace
 
 int max_pool2d_forward(const PoolDesc& d, DType dt, const void* x, void* y, void* offsets,
@@ -103,7 +273,16 @@ int max_pool2d_forward(const PoolDesc& d, DType dt, const void* x, void* y, void
   return dispatch_dtype(dt, [&](auto tag) {
     using S = typename decltype(tag)::type;
     const unsigned grid = grid_for(total, kPoolThreads);
-    if (offsets_int32)
+    const int fast = pool_fast_layout(d, offsets_int32);
+    if (fast) {
+      const PoolFast f = make_pool_fast(d);
+      if (fast == 2)
+        max_pool_fwd_fast<S, true><<<grid, kPoolThreads, 0, stream>>>(
+            f, total, static_cast<const S*>(x), static_cast<S*>(y), static_cast<uint8_t*>(offsets));
+      else
+        max_pool_fwd_fast<S, false><<<grid, kPoolThreads, 0, stream>>>(
+            f, total, static_cast<const S*>(x), static_cast<S*>(y), static_cast<uint8_t*>(offsets));
+    } else if (offsets_int32)
       max_pool_fwd_kernel<S, int32_t><<<grid, kPoolThreads, 0, stream>>>(
           d, static_cast<const S*>(x), static_cast<S*>(y), static_cast<int32_t*>(offsets));
     else
@@ -120,7 +299,18 @@ int max_pool2d_backward(const PoolDesc& d, DType dt, const void* gy, const void*
   return dispatch_dtype(dt, [&](auto tag) {
     using S = typename decltype(tag)::type;
     const unsigned grid = grid_for(total, kPoolThreads);
-    if (offsets_int32)
+    const int fast = pool_fast_layout(d, offsets_int32);
+    if (fast) {
+      const PoolFast f = make_pool_fast(d);
+      if (fast == 2)
+        max_pool_bwd_fast<S, true><<<grid, kPoolThreads, 0, stream>>>(
+            f, total, static_cast<const S*>(gy), static_cast<const uint8_t*>(offsets),
+            static_cast<S*>(gx));
+      else
+        max_pool_bwd_fast<S, false><<<grid, kPoolThreads, 0, stream>>>(
+            f, total, static_cast<const S*>(gy), static_cast<const uint8_t*>(offsets),
+            static_cast<S*>(gx));
+    } else if (offsets_int32)
       max_pool_bwd_kernel<S, int32_t><<<grid, kPoolThreads, 0, stream>>>(
           d, static_cast<const S*>(gy), static_cast<const int32_t*>(offsets), static_cast<S*>(gx));
     else
