@@ -93,6 +93,27 @@ Geom make_geom(at::IntArrayRef size, at::IntArrayRef k, at::IntArrayRef s, at::I
 // First kernel index whose position (start + k * d) is >= 0 (torch's while loop).
 inline int64_t first_k(int64_t start, int64_t d) { return start >= 0 ? 0 : (-start + d - 1) / d; }
 
+// Output (oh, ow) range whose windows lie entirely inside the input: there
+// any offset < kH * kW names a valid position and no bounds check is needed.
+struct Interior {
+  int64_t oh0, oh1, ow0, ow1;  // [oh0, oh1) x [ow0, ow1)
+  bool has(int64_t oh, int64_t ow) const { return oh >= oh0 && oh < oh1 && ow >= ow0 && ow < ow1; }
+};
+
+Interior interior(const Geom& g) {
+  auto range = [](int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d,
+                  int64_t& lo, int64_t& hi) {
+    lo = (p + s - 1) / s;  // first o with o * s - p >= 0
+    const int64_t last = in - 1 - (k - 1) * d + p;  // o * s <= last
+    hi = last < 0 ? 0 : std::min(out, last / s + 1);
+    if (hi < lo) hi = lo;
+  };
+  Interior r;
+  range(g.H, g.OH, g.kH, g.sH, g.pH, g.dH, r.oh0, r.oh1);
+  range(g.W, g.OW, g.kW, g.sW, g.pW, g.dW, r.ow0, r.ow1);
+  return r;
+}
+
 // ---- forward, scalar path (also float64) ---------------------------------
 
 template <typename T, typename O>
@@ -213,8 +234,9 @@ void forward_nchw_simd(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
   });
 }
 
-// Channels-last: items are (n, output row); per pixel the valid taps are
-// listed, then the channel loop runs (SIMD or scalar).
+// Channels-last: items are (n, output row). Interior pixels use the full
+// window's tap list; border pixels list their valid taps. Then the channel
+// loop runs (SIMD or scalar).
 template <typename T, typename O>
 void forward_cl(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g,
                 cpu::Isa isa) {
@@ -224,6 +246,13 @@ void forward_cl(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Ge
   const int64_t C = g.C;
   const bool simd = std::is_same_v<T, float> && isa != cpu::Isa::Scalar;
   auto pixel = isa == cpu::Isa::Avx512 ? &cpu::max_pool2d_pixel_avx512 : &cpu::max_pool2d_pixel_avx2;
+  const Interior inner = interior(g);
+  std::vector<int64_t> full_tap(g.taps());
+  std::vector<int32_t> full_o(g.taps());
+  for (int64_t t = 0; t < g.taps(); ++t) {
+    full_tap[t] = ((t / g.kW) * g.dH * g.W + (t % g.kW) * g.dW) * C;
+    full_o[t] = static_cast<int32_t>(t);
+  }
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t b, int64_t e) {
     std::vector<int64_t> tap(g.taps());
     std::vector<int32_t> tap_o(g.taps());
@@ -233,27 +262,37 @@ void forward_cl(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Ge
       const T* xn = x + n * g.H * g.W * C;
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         const int64_t w0 = ow * g.sW - g.pW, kw0 = first_k(w0, g.dW);
+        const T* base = xn;
+        const int64_t* tp = tap.data();
+        const int32_t* to = tap_o.data();
         int64_t nt = 0;
-        for (int64_t kh = kh0; kh < g.kH; ++kh) {
-          const int64_t ih = h0 + kh * g.dH;
-          if (ih >= g.H) break;
-          for (int64_t kw = kw0; kw < g.kW; ++kw) {
-            const int64_t iw = w0 + kw * g.dW;
-            if (iw >= g.W) break;
-            tap[nt] = (ih * g.W + iw) * C;
-            tap_o[nt++] = static_cast<int32_t>(kh * g.kW + kw);
+        if (inner.has(oh, ow)) {
+          base = xn + (h0 * g.W + w0) * C;
+          tp = full_tap.data();
+          to = full_o.data();
+          nt = g.taps();
+        } else {
+          for (int64_t kh = kh0; kh < g.kH; ++kh) {
+            const int64_t ih = h0 + kh * g.dH;
+            if (ih >= g.H) break;
+            for (int64_t kw = kw0; kw < g.kW; ++kw) {
+              const int64_t iw = w0 + kw * g.dW;
+              if (iw >= g.W) break;
+              tap[nt] = (ih * g.W + iw) * C;
+              tap_o[nt++] = static_cast<int32_t>(kh * g.kW + kw);
+            }
           }
         }
         const int32_t init = static_cast<int32_t>(kh0 * g.kW + kw0);
         const int64_t pix = (item * g.OW + ow) * C;
         if constexpr (std::is_same_v<T, float>) {
           if (simd) {
-            PoolPixelArgs a{xn, C, tap.data(), tap_o.data(), nt, init, y + pix, o + pix, g.off32()};
+            PoolPixelArgs a{base, C, tp, to, nt, init, y + pix, o + pix, g.off32()};
             pixel(a);
             continue;
           }
         }
-        forward_pixel_scalar<T, O>(xn, C, tap.data(), tap_o.data(), nt, init, y + pix, o + pix);
+        forward_pixel_scalar<T, O>(base, C, tp, to, nt, init, y + pix, o + pix);
       }
     }
   });
@@ -320,18 +359,24 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
   const T* dy = go.const_data_ptr<T>();
   const O* of = static_cast<const O*>(off.const_data_ptr());
   T* dx = gi.mutable_data_ptr<T>();
-  std::vector<int64_t> dh(g.taps()), dw(g.taps());  // window offset -> (kh * dH, kw * dW)
-  for (int64_t t = 0; t < g.taps(); ++t) {
+  const int64_t ntaps = g.taps();
+  std::vector<int64_t> dh(ntaps), dw(ntaps), rel(ntaps);  // offset -> (kh dH, kw dW), flat
+  for (int64_t t = 0; t < ntaps; ++t) {
     dh[t] = (t / g.kW) * g.dH;
     dw[t] = (t % g.kW) * g.dW;
+    rel[t] = dh[t] * g.W + dw[t];
   }
-  const int64_t ntaps = g.taps();
-  // An offset is used only when it names a position inside the input.
+  const Interior in = interior(g);
+  // Flat input position for offset t of output (oh, ow), or -1 when it is not
+  // inside the input (empty windows, or garbage offsets: never written).
   auto target = [&](int64_t oh, int64_t ow, int64_t t) -> int64_t {
     if (t < 0 || t >= ntaps) return -1;
     const int64_t ih = oh * g.sH - g.pH + dh[t], iw = ow * g.sW - g.pW + dw[t];
     if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return -1;
     return ih * g.W + iw;
+  };
+  auto origin = [&](int64_t oh, int64_t ow) {
+    return (oh * g.sH - g.pH) * g.W + (ow * g.sW - g.pW);
   };
   if (!cl) {
     at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
@@ -340,11 +385,18 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
         std::fill(x, x + g.H * g.W, T(0));
         const T* y = dy + pl * g.OH * g.OW;
         const O* o = of + pl * g.OH * g.OW;
-        for (int64_t oh = 0; oh < g.OH; ++oh)
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const bool row_in = oh >= in.oh0 && oh < in.oh1;
           for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const int64_t i = oh * g.OW + ow, tgt = target(oh, ow, o[i]);
-            if (tgt >= 0) x[tgt] += y[i];
+            const int64_t i = oh * g.OW + ow, t = o[i];
+            if (row_in && ow >= in.ow0 && ow < in.ow1) {
+              if (static_cast<uint64_t>(t) < static_cast<uint64_t>(ntaps)) x[origin(oh, ow) + rel[t]] += y[i];
+            } else {
+              const int64_t tgt = target(oh, ow, t);
+              if (tgt >= 0) x[tgt] += y[i];
+            }
           }
+        }
       }
     });
     return;
@@ -363,9 +415,19 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
       for (int64_t oh = 0; oh < g.OH; ++oh)
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t base = ((n * g.OH + oh) * g.OW + ow) * C;
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t tgt = target(oh, ow, of[base + c]);
-            if (tgt >= 0) x[tgt * C + c] += dy[base + c];
+          const O* o = of + base;
+          const T* y = dy + base;
+          if (in.has(oh, ow)) {
+            T* xo = x + origin(oh, ow) * C;
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t t = o[c];
+              if (static_cast<uint64_t>(t) < static_cast<uint64_t>(ntaps)) xo[rel[t] * C + c] += y[c];
+            }
+          } else {
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t tgt = target(oh, ow, o[c]);
+              if (tgt >= 0) x[tgt * C + c] += y[c];
+            }
           }
         }
     }

@@ -85,16 +85,20 @@ void pool_pixel(const PoolPixelArgs& a) {
     Vt::store(a.out + c, m);
     store_offsets<Vt>(a.off, a.off32, c, idx, W);
   }
-  for (; c < a.C; ++c) {  // channel tail
-    float m = -__builtin_inff();
-    int32_t idx = a.init;
+  if (c < a.C) {  // channel tail: masked loads, partial stores
+    const int64_t n = a.C - c;
+    V m = ninf;
+    typename Vt::I idx = Vt::seti(a.init);
     for (int64_t t = 0; t < a.ntaps; ++t) {
-      float v = a.in[a.tap[t] + c];
-      if (v > m || v != v) { m = v; idx = a.tap_o[t]; }
+      V v = Vt::load_n(a.in + a.tap[t] + c, n);
+      auto u = Vt::upd(v, m);
+      m = Vt::blend(m, v, u);
+      idx = Vt::blendi(idx, Vt::seti(a.tap_o[t]), u);
     }
-    a.out[c] = m;
-    if (a.off32) static_cast<int32_t*>(a.off)[c] = idx;
-    else static_cast<uint8_t*>(a.off)[c] = static_cast<uint8_t>(idx);
+    alignas(64) float tv[W];
+    Vt::store(tv, m);
+    for (int64_t j = 0; j < n; ++j) a.out[c + j] = tv[j];
+    store_offsets<Vt>(a.off, a.off32, c, idx, n);
   }
 }
 
