@@ -203,7 +203,9 @@ void forward_nchw_simd(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
   auto kernel = isa == cpu::Isa::Avx512 ? &cpu::max_pool2d_rows_avx512 : &cpu::max_pool2d_rows_avx2;
 
   at::parallel_for(0, planes * nbands, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(buf_rows * ldb);
+    // Columns outside [pW, pW + W) are -inf for good; rows outside the input
+    // get -inf in that range too.
+    std::vector<float> buf(buf_rows * ldb, ninf);
     for (int64_t item = b; item < e; ++item) {
       const int64_t pl = item / nbands, oh0 = (item % nbands) * band;
       const int64_t nrows = std::min(band, g.OH - oh0);
@@ -212,13 +214,8 @@ void forward_nchw_simd(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
       for (int64_t r = 0; r < rows; ++r) {
         float* br = buf.data() + r * ldb;
         const int64_t ih = oh0 * g.sH - g.pH + r;
-        if (ih < 0 || ih >= g.H) {
-          std::fill(br, br + ldb, ninf);
-          continue;
-        }
-        std::fill(br, br + g.pW, ninf);
-        std::copy(xp + ih * g.W, xp + (ih + 1) * g.W, br + g.pW);
-        std::fill(br + g.pW + g.W, br + ldb, ninf);
+        if (ih < 0 || ih >= g.H) std::fill(br + g.pW, br + g.pW + g.W, ninf);
+        else std::copy(xp + ih * g.W, xp + (ih + 1) * g.W, br + g.pW);
       }
       PoolRowsArgs a;
       a.buf = buf.data(); a.ldb = ldb; a.nrows = nrows;
@@ -353,6 +350,18 @@ void check_offsets(const at::Tensor& off, const Geom& g, const char* op) {
   TORCH_CHECK(off.dim() == 4, "fastlayers.", op, ": offsets must be 4-D, got ", off.sizes());
 }
 
+// x[j * xs + rel[o[j]] * rs] += y[j] for j in [lo, hi); offsets >= nt are
+// skipped. Plain arguments so nothing is reloaded after each store.
+template <typename T, typename O>
+inline void scatter_row(T* __restrict x, const T* __restrict y, const O* __restrict o,
+                        int64_t lo, int64_t hi, int64_t xs, int64_t rs,
+                        const int64_t* __restrict rel, uint64_t nt) {
+  for (int64_t j = lo; j < hi; ++j) {
+    const uint64_t t = static_cast<uint64_t>(o[j]);
+    if (t < nt) x[j * xs + rel[t] * rs] += y[j];
+  }
+}
+
 template <typename T, typename O>
 void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, const Geom& g,
                    bool cl) {
@@ -379,23 +388,25 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
     return (oh * g.sH - g.pH) * g.W + (ow * g.sW - g.pW);
   };
   if (!cl) {
+    const int64_t HW = g.H * g.W, OH = g.OH, OW = g.OW, sW = g.sW;
+    const uint64_t nt = static_cast<uint64_t>(ntaps);
+    const int64_t* relp = rel.data();
     at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
       for (int64_t pl = b; pl < e; ++pl) {
-        T* x = dx + pl * g.H * g.W;
-        std::fill(x, x + g.H * g.W, T(0));
-        const T* y = dy + pl * g.OH * g.OW;
-        const O* o = of + pl * g.OH * g.OW;
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
+        T* x = dx + pl * HW;
+        std::fill(x, x + HW, T(0));
+        const T* y = dy + pl * OH * OW;
+        const O* o = of + pl * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh, y += OW, o += OW) {
           const bool row_in = oh >= in.oh0 && oh < in.oh1;
-          for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const int64_t i = oh * g.OW + ow, t = o[i];
-            if (row_in && ow >= in.ow0 && ow < in.ow1) {
-              if (static_cast<uint64_t>(t) < static_cast<uint64_t>(ntaps)) x[origin(oh, ow) + rel[t]] += y[i];
-            } else {
-              const int64_t tgt = target(oh, ow, t);
-              if (tgt >= 0) x[tgt] += y[i];
-            }
-          }
+          const int64_t w_lo = row_in ? in.ow0 : OW, w_hi = row_in ? in.ow1 : OW;
+          auto slow = [&](int64_t ow) {
+            const int64_t tgt = target(oh, ow, o[ow]);
+            if (tgt >= 0) x[tgt] += y[ow];
+          };
+          for (int64_t ow = 0; ow < w_lo; ++ow) slow(ow);
+          scatter_row(x + origin(oh, 0), y, o, w_lo, w_hi, sW, 1, relp, nt);
+          for (int64_t ow = w_hi; ow < OW; ++ow) slow(ow);
         }
       }
     });
@@ -403,6 +414,8 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
   }
   // Channels-last: items are (n, block of channels).
   const int64_t C = g.C;
+  const uint64_t nt = static_cast<uint64_t>(ntaps);
+  const int64_t* relp = rel.data();
   int64_t cb = C;
   const int64_t want = 4 * at::get_num_threads();
   if (g.N < want) cb = std::max<int64_t>(16, (C * g.N + want - 1) / want);
@@ -411,18 +424,16 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
     for (int64_t item = b; item < e; ++item) {
       const int64_t n = item / nblk, c0 = (item % nblk) * cb, c1 = std::min(C, c0 + cb);
       T* x = dx + n * g.H * g.W * C;
-      for (int64_t px = 0; px < g.H * g.W; ++px) std::fill(x + px * C + c0, x + px * C + c1, T(0));
+      if (c1 - c0 == C) std::fill(x, x + g.H * g.W * C, T(0));
+      else
+        for (int64_t px = 0; px < g.H * g.W; ++px) std::fill(x + px * C + c0, x + px * C + c1, T(0));
       for (int64_t oh = 0; oh < g.OH; ++oh)
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t base = ((n * g.OH + oh) * g.OW + ow) * C;
           const O* o = of + base;
           const T* y = dy + base;
           if (in.has(oh, ow)) {
-            T* xo = x + origin(oh, ow) * C;
-            for (int64_t c = c0; c < c1; ++c) {
-              const int64_t t = o[c];
-              if (static_cast<uint64_t>(t) < static_cast<uint64_t>(ntaps)) xo[rel[t] * C + c] += y[c];
-            }
+            scatter_row(x + origin(oh, ow) * C, y, o, c0, c1, 1, C, relp, nt);
           } else {
             for (int64_t c = c0; c < c1; ++c) {
               const int64_t tgt = target(oh, ow, o[c]);
