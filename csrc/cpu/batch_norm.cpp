@@ -13,8 +13,9 @@
 //                 is large against the spread. Running stats updated in place.
 // eval forward:   pass 2 only, with the running stats.
 // backward:       training: one reduction pass (sum dy, sum dy * (x - mean)),
-//                 then one pass dx = dy * a + (x - mean) * b + k with
-//                   a = w invstd, b = -w invstd^3 mean(dy (x - mean)), k = -a mean(dy);
+//                 then one pass dx = ((dy - k) - (x - mean) * b) * a with
+//                   a = w invstd, b = invstd^2 mean(dy (x - mean)), k = mean(dy)
+//                 (the form of the formula keeps dx exactly 0 where it cancels);
 //                 eval: dx = dy * w * invstd.
 //                 grad_weight = invstd sum dy (x - mean), grad_bias = sum dy.
 // Every reduction is per chunk/block in fixed order then merged in a fixed
@@ -369,15 +370,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     }
     if (!mask[0]) return;
 
-    // Elementwise pass: dx = dy * a + (x - mean) * b + k.
+    // Elementwise pass: dx = ((dy - k) - (x - mean) * b) * a.
     std::vector<T> ta(C), tb(C, T(0)), tk(C, T(0));
     const double M = static_cast<double>(g.M);
     for (int64_t c = 0; c < C; ++c) {
       const double a = w[c] * invstd[c];
       ta[c] = static_cast<T>(a);
       if (training) {
-        tb[c] = static_cast<T>(-a * invstd[c] * invstd[c] * (sdyx[c] / M));
-        tk[c] = static_cast<T>(-a * (sdy[c] / M));
+        tb[c] = static_cast<T>(invstd[c] * invstd[c] * (sdyx[c] / M));
+        tk[c] = static_cast<T>(sdy[c] / M);
       }
     }
     const T* xin = training ? x : nullptr;

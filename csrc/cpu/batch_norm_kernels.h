@@ -33,7 +33,7 @@ struct BnKernels {
   // per channel; scratch: 2 C values of T
   void (*rows_bwd_reduce)(const T* dy, const T* x, int64_t R, int64_t C, const T* m, double* sdy,
                           double* sdyx, void* scratch);
-  // dx = dy * a + (x - m) * b + k; x == nullptr means b = k = 0 (dx = dy * a)
+  // dx = ((dy - k) - (x - m) * b) * a; x == nullptr means b = k = 0 (dx = dy * a)
   void (*seg_bwd_apply)(const T* dy, const T* x, int64_t n, T m, T a, T b, T k, T* dx);
   void (*rows_bwd_apply)(const T* dy, const T* x, int64_t R, int64_t C, const T* m, const T* a,
                          const T* b, const T* k, T* dx);

@@ -134,7 +134,7 @@ void seg_bwd_apply(const T* dy, const T* x, int64_t n, T m, T a, T b, T k, T* dx
     for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * a;
     return;
   }
-  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * a + (x[i] - m) * b + k;
+  for (int64_t i = 0; i < n; ++i) dx[i] = ((dy[i] - k) - (x[i] - m) * b) * a;
 }
 
 template <typename T>
@@ -148,7 +148,7 @@ void rows_bwd_apply(const T* dy, const T* x, int64_t R, int64_t C, const T* m, c
       continue;
     }
     const T* xr = x + r * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = g[c] * a[c] + (xr[c] - m[c]) * b[c] + k[c];
+    for (int64_t c = 0; c < C; ++c) o[c] = ((g[c] - k[c]) - (xr[c] - m[c]) * b[c]) * a[c];
   }
 }
 

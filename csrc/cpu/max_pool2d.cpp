@@ -93,6 +93,27 @@ Geom make_geom(at::IntArrayRef size, at::IntArrayRef k, at::IntArrayRef s, at::I
 // First kernel index whose position (start + k * d) is >= 0 (torch's while loop).
 inline int64_t first_k(int64_t start, int64_t d) { return start >= 0 ? 0 : (-start + d - 1) / d; }
 
+// Output (oh, ow) range whose windows lie entirely inside the input: there
+// any offset < kH * kW names a valid position and no bounds check is needed.
+struct Interior {
+  int64_t oh0, oh1, ow0, ow1;  // [oh0, oh1) x [ow0, ow1)
+  bool has(int64_t oh, int64_t ow) const { return oh >= oh0 && oh < oh1 && ow >= ow0 && ow < ow1; }
+};
+
+Interior interior(const Geom& g) {
+  auto range = [](int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d,
+                  int64_t& lo, int64_t& hi) {
+    lo = (p + s - 1) / s;  // first o with o * s - p >= 0
+    const int64_t last = in - 1 - (k - 1) * d + p;  // o * s <= last
+    hi = last < 0 ? 0 : std::min(out, last / s + 1);
+    if (hi < lo) hi = lo;
+  };
+  Interior r;
+  range(g.H, g.OH, g.kH, g.sH, g.pH, g.dH, r.oh0, r.oh1);
+  range(g.W, g.OW, g.kW, g.sW, g.pW, g.dW, r.ow0, r.ow1);
+  return r;
+}
+
 // ---- forward, scalar path (also float64) ---------------------------------
 
 template <typename T, typename O>
@@ -182,7 +203,9 @@ void forward_nchw_simd(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
   auto kernel = isa == cpu::Isa::Avx512 ? &cpu::max_pool2d_rows_avx512 : &cpu::max_pool2d_rows_avx2;
 
   at::parallel_for(0, planes * nbands, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(buf_rows * ldb);
+    // Columns outside [pW, pW + W) are -inf for good; rows outside the input
+    // get -inf in that range too.
+    std::vector<float> buf(buf_rows * ldb, ninf);
     for (int64_t item = b; item < e; ++item) {
       const int64_t pl = item / nbands, oh0 = (item % nbands) * band;
       const int64_t nrows = std::min(band, g.OH - oh0);
@@ -191,13 +214,8 @@ void forward_nchw_simd(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
       for (int64_t r = 0; r < rows; ++r) {
         float* br = buf.data() + r * ldb;
         const int64_t ih = oh0 * g.sH - g.pH + r;
-        if (ih < 0 || ih >= g.H) {
-          std::fill(br, br + ldb, ninf);
-          continue;
-        }
-        std::fill(br, br + g.pW, ninf);
-        std::copy(xp + ih * g.W, xp + (ih + 1) * g.W, br + g.pW);
-        std::fill(br + g.pW + g.W, br + ldb, ninf);
+        if (ih < 0 || ih >= g.H) std::fill(br + g.pW, br + g.pW + g.W, ninf);
+        else std::copy(xp + ih * g.W, xp + (ih + 1) * g.W, br + g.pW);
       }
       PoolRowsArgs a;
       a.buf = buf.data(); a.ldb = ldb; a.nrows = nrows;
@@ -213,8 +231,9 @@ void forward_nchw_simd(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
   });
 }
 
-// Channels-last: items are (n, output row); per pixel the valid taps are
-// listed, then the channel loop runs (SIMD or scalar).
+// Channels-last: items are (n, output row). Interior pixels use the full
+// window's tap list; border pixels list their valid taps. Then the channel
+// loop runs (SIMD or scalar).
 template <typename T, typename O>
 void forward_cl(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g,
                 cpu::Isa isa) {
@@ -224,6 +243,13 @@ void forward_cl(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Ge
   const int64_t C = g.C;
   const bool simd = std::is_same_v<T, float> && isa != cpu::Isa::Scalar;
   auto pixel = isa == cpu::Isa::Avx512 ? &cpu::max_pool2d_pixel_avx512 : &cpu::max_pool2d_pixel_avx2;
+  const Interior inner = interior(g);
+  std::vector<int64_t> full_tap(g.taps());
+  std::vector<int32_t> full_o(g.taps());
+  for (int64_t t = 0; t < g.taps(); ++t) {
+    full_tap[t] = ((t / g.kW) * g.dH * g.W + (t % g.kW) * g.dW) * C;
+    full_o[t] = static_cast<int32_t>(t);
+  }
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t b, int64_t e) {
     std::vector<int64_t> tap(g.taps());
     std::vector<int32_t> tap_o(g.taps());
@@ -233,27 +259,37 @@ void forward_cl(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Ge
       const T* xn = x + n * g.H * g.W * C;
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         const int64_t w0 = ow * g.sW - g.pW, kw0 = first_k(w0, g.dW);
+        const T* base = xn;
+        const int64_t* tp = tap.data();
+        const int32_t* to = tap_o.data();
         int64_t nt = 0;
-        for (int64_t kh = kh0; kh < g.kH; ++kh) {
-          const int64_t ih = h0 + kh * g.dH;
-          if (ih >= g.H) break;
-          for (int64_t kw = kw0; kw < g.kW; ++kw) {
-            const int64_t iw = w0 + kw * g.dW;
-            if (iw >= g.W) break;
-            tap[nt] = (ih * g.W + iw) * C;
-            tap_o[nt++] = static_cast<int32_t>(kh * g.kW + kw);
+        if (inner.has(oh, ow)) {
+          base = xn + (h0 * g.W + w0) * C;
+          tp = full_tap.data();
+          to = full_o.data();
+          nt = g.taps();
+        } else {
+          for (int64_t kh = kh0; kh < g.kH; ++kh) {
+            const int64_t ih = h0 + kh * g.dH;
+            if (ih >= g.H) break;
+            for (int64_t kw = kw0; kw < g.kW; ++kw) {
+              const int64_t iw = w0 + kw * g.dW;
+              if (iw >= g.W) break;
+              tap[nt] = (ih * g.W + iw) * C;
+              tap_o[nt++] = static_cast<int32_t>(kh * g.kW + kw);
+            }
           }
         }
         const int32_t init = static_cast<int32_t>(kh0 * g.kW + kw0);
         const int64_t pix = (item * g.OW + ow) * C;
         if constexpr (std::is_same_v<T, float>) {
           if (simd) {
-            PoolPixelArgs a{xn, C, tap.data(), tap_o.data(), nt, init, y + pix, o + pix, g.off32()};
+            PoolPixelArgs a{base, C, tp, to, nt, init, y + pix, o + pix, g.off32()};
             pixel(a);
             continue;
           }
         }
-        forward_pixel_scalar<T, O>(xn, C, tap.data(), tap_o.data(), nt, init, y + pix, o + pix);
+        forward_pixel_scalar<T, O>(base, C, tp, to, nt, init, y + pix, o + pix);
       }
     }
   });
@@ -314,43 +350,72 @@ void check_offsets(const at::Tensor& off, const Geom& g, const char* op) {
   TORCH_CHECK(off.dim() == 4, "fastlayers.", op, ": offsets must be 4-D, got ", off.sizes());
 }
 
+// x[j * xs + rel[o[j]] * rs] += y[j] for j in [lo, hi); offsets >= nt are
+// skipped. Plain arguments so nothing is reloaded after each store.
+template <typename T, typename O>
+inline void scatter_row(T* __restrict x, const T* __restrict y, const O* __restrict o,
+                        int64_t lo, int64_t hi, int64_t xs, int64_t rs,
+                        const int64_t* __restrict rel, uint64_t nt) {
+  for (int64_t j = lo; j < hi; ++j) {
+    const uint64_t t = static_cast<uint64_t>(o[j]);
+    if (t < nt) x[j * xs + rel[t] * rs] += y[j];
+  }
+}
+
 template <typename T, typename O>
 void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, const Geom& g,
                    bool cl) {
   const T* dy = go.const_data_ptr<T>();
   const O* of = static_cast<const O*>(off.const_data_ptr());
   T* dx = gi.mutable_data_ptr<T>();
-  std::vector<int64_t> dh(g.taps()), dw(g.taps());  // window offset -> (kh * dH, kw * dW)
-  for (int64_t t = 0; t < g.taps(); ++t) {
+  const int64_t ntaps = g.taps();
+  std::vector<int64_t> dh(ntaps), dw(ntaps), rel(ntaps);  // offset -> (kh dH, kw dW), flat
+  for (int64_t t = 0; t < ntaps; ++t) {
     dh[t] = (t / g.kW) * g.dH;
     dw[t] = (t % g.kW) * g.dW;
+    rel[t] = dh[t] * g.W + dw[t];
   }
-  const int64_t ntaps = g.taps();
-  // An offset is used only when it names a position inside the input.
+  const Interior in = interior(g);
+  // Flat input position for offset t of output (oh, ow), or -1 when it is not
+  // inside the input (empty windows, or garbage offsets: never written).
   auto target = [&](int64_t oh, int64_t ow, int64_t t) -> int64_t {
     if (t < 0 || t >= ntaps) return -1;
     const int64_t ih = oh * g.sH - g.pH + dh[t], iw = ow * g.sW - g.pW + dw[t];
     if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return -1;
     return ih * g.W + iw;
   };
+  auto origin = [&](int64_t oh, int64_t ow) {
+    return (oh * g.sH - g.pH) * g.W + (ow * g.sW - g.pW);
+  };
   if (!cl) {
+    const int64_t HW = g.H * g.W, OH = g.OH, OW = g.OW, sW = g.sW;
+    const uint64_t nt = static_cast<uint64_t>(ntaps);
+    const int64_t* relp = rel.data();
     at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
       for (int64_t pl = b; pl < e; ++pl) {
-        T* x = dx + pl * g.H * g.W;
-        std::fill(x, x + g.H * g.W, T(0));
-        const T* y = dy + pl * g.OH * g.OW;
-        const O* o = of + pl * g.OH * g.OW;
-        for (int64_t oh = 0; oh < g.OH; ++oh)
-          for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const int64_t i = oh * g.OW + ow, tgt = target(oh, ow, o[i]);
-            if (tgt >= 0) x[tgt] += y[i];
-          }
+        T* x = dx + pl * HW;
+        std::fill(x, x + HW, T(0));
+        const T* y = dy + pl * OH * OW;
+        const O* o = of + pl * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh, y += OW, o += OW) {
+          const bool row_in = oh >= in.oh0 && oh < in.oh1;
+          const int64_t w_lo = row_in ? in.ow0 : OW, w_hi = row_in ? in.ow1 : OW;
+          auto slow = [&](int64_t ow) {
+            const int64_t tgt = target(oh, ow, o[ow]);
+            if (tgt >= 0) x[tgt] += y[ow];
+          };
+          for (int64_t ow = 0; ow < w_lo; ++ow) slow(ow);
+          scatter_row(x + origin(oh, 0), y, o, w_lo, w_hi, sW, 1, relp, nt);
+          for (int64_t ow = w_hi; ow < OW; ++ow) slow(ow);
+        }
       }
     });
     return;
   }
   // Channels-last: items are (n, block of channels).
   const int64_t C = g.C;
+  const uint64_t nt = static_cast<uint64_t>(ntaps);
+  const int64_t* relp = rel.data();
   int64_t cb = C;
   const int64_t want = 4 * at::get_num_threads();
   if (g.N < want) cb = std::max<int64_t>(16, (C * g.N + want - 1) / want);
@@ -359,13 +424,21 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
     for (int64_t item = b; item < e; ++item) {
       const int64_t n = item / nblk, c0 = (item % nblk) * cb, c1 = std::min(C, c0 + cb);
       T* x = dx + n * g.H * g.W * C;
-      for (int64_t px = 0; px < g.H * g.W; ++px) std::fill(x + px * C + c0, x + px * C + c1, T(0));
+      if (c1 - c0 == C) std::fill(x, x + g.H * g.W * C, T(0));
+      else
+        for (int64_t px = 0; px < g.H * g.W; ++px) std::fill(x + px * C + c0, x + px * C + c1, T(0));
       for (int64_t oh = 0; oh < g.OH; ++oh)
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t base = ((n * g.OH + oh) * g.OW + ow) * C;
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t tgt = target(oh, ow, of[base + c]);
-            if (tgt >= 0) x[tgt * C + c] += dy[base + c];
+          const O* o = of + base;
+          const T* y = dy + base;
+          if (in.has(oh, ow)) {
+            scatter_row(x + origin(oh, ow) * C, y, o, c0, c1, 1, C, relp, nt);
+          } else {
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t tgt = target(oh, ow, o[c]);
+              if (tgt >= 0) x[tgt * C + c] += y[c];
+            }
           }
         }
     }

@@ -23,9 +23,19 @@ struct Avx512 {
   using I = __m512i;
   using M = __mmask16;
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_n(const float* p, int64_t n) {  // lanes >= n read as 0, not touched
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+  }
   static V load_s2(const float* p) {  // p[0], p[2], ..., p[30]
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     return _mm512_permutex2var_ps(_mm512_loadu_ps(p), ev, _mm512_loadu_ps(p + 16));
+  }
+  static void load_s2_pair(const float* p, V& ev, V& od) {  // p[2j] and p[2j + 1]
+    const __m512i e = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i o = _mm512_add_epi32(e, _mm512_set1_epi32(1));
+    const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+    ev = _mm512_permutex2var_ps(a, e, b);
+    od = _mm512_permutex2var_ps(a, o, b);
   }
   static I lane_mul(int32_t s) {
     return _mm512_mullo_epi32(

@@ -6,7 +6,9 @@
 // `#pragma GCC target`. It is written against vector traits `Vt`:
 //   Vt::W            lanes
 //   Vt::V / Vt::I    float / int32 vector
-//   load, load_s2 (every 2nd float), gather (lane j at q[j * s]), set1, seti,
+//   load, load_n (first n lanes), load_s2 (every 2nd float), load_s2_pair
+//   (even and odd floats), gather (lane j at
+//   q[j * s]), set1, seti, loadi, addi, lane_mul,
 //   upd(v, m)        mask of lanes where (v > m) || isnan(v)  (torch's rule)
 //   blend, blendi    take the second argument where the mask is set
 //   store, store_u8, store_i32
