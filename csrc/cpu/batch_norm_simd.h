@@ -1,38 +1,57 @@
-// BatchNorm loops (see batch_norm_kernels.h for the contracts). Written with
-// lane arrays of 64 bytes (16 float / 8 double) that the compiler turns into
-// vector registers; no reassociation is needed, so results are identical for
-// a given ISA and do not depend on threads. Include after the ISA's
+// BatchNorm loops (see batch_norm_kernels.h for the contracts). Reductions
+// use 64-byte GCC vector types (16 float / 8 double lanes, whatever the ISA,
+// so all paths sum in the same order); channel loops are plain loops the
+// compiler vectorises. Include after the ISA's
 // `#pragma GCC target` with FL_BN_SIMD_IMPL naming a namespace unique to it.
 #include "batch_norm_kernels.h"
 
 namespace fastlayers::cpu {
 namespace FL_BN_SIMD_IMPL {
 
+// 64-byte GCC vector types: one zmm, two ymm or four xmm depending on the ISA.
 template <typename T>
-constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+struct Vx {
+  static constexpr int L = 64 / static_cast<int>(sizeof(T));
+  typedef T V __attribute__((vector_size(64)));
+  typedef double D __attribute__((vector_size(8 * (64 / sizeof(T)))));  // L doubles
+  // Unaligned load (an out-parameter: returning a wide vector would draw
+  // ABI warnings where the ISA lacks that width).
+  static void load(V& v, const T* p) { __builtin_memcpy(&v, p, sizeof v); }
+  template <typename W>
+  static double hsum(const W& v) {
+    double r = 0;
+    for (int j = 0; j < L; ++j) r += static_cast<double>(v[j]);
+    return r;
+  }
+};
 
 template <typename T>
 void seg_stats(const T* x, int64_t n, double* mean, double* m2) {
-  constexpr int L = kLanes<T>;
+  using X = Vx<T>;
+  using V = typename X::V;
+  using D = typename X::D;
+  constexpr int L = X::L;
   // Pass 1: the shift, mean estimated in double.
-  double s[L] = {};
+  D s = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int j = 0; j < L; ++j) s[j] += static_cast<double>(x[i + j]);
-  double tot = 0;
-  for (int j = 0; j < L; ++j) tot += s[j];
+  for (; i + L <= n; i += L) {
+    V v;
+    X::load(v, x + i);
+    s += __builtin_convertvector(v, D);
+  }
+  double tot = X::hsum(s);
   for (; i < n; ++i) tot += static_cast<double>(x[i]);
   const T shift = static_cast<T>(tot / static_cast<double>(n));
   // Pass 2 (block is in cache): shifted sums.
-  T a1[L] = {}, a2[L] = {};
-  for (i = 0; i + L <= n; i += L)
-    for (int j = 0; j < L; ++j) {
-      const T d = x[i + j] - shift;
-      a1[j] += d;
-      a2[j] += d * d;
-    }
-  double S1 = 0, S2 = 0;
-  for (int j = 0; j < L; ++j) { S1 += a1[j]; S2 += a2[j]; }
+  V a1 = {}, a2 = {};
+  for (i = 0; i + L <= n; i += L) {
+    V d;
+    X::load(d, x + i);
+    d -= shift;
+    a1 += d;
+    a2 += d * d;
+  }
+  double S1 = X::hsum(a1), S2 = X::hsum(a2);
   for (; i < n; ++i) {
     const T d = x[i] - shift;
     S1 += d;
@@ -93,16 +112,19 @@ void rows_affine(const T* x, int64_t R, int64_t C, const T* mh, const T* ml, con
 
 template <typename T>
 void seg_bwd_reduce(const T* dy, const T* x, int64_t n, T m, double* sdy, double* sdyx) {
-  constexpr int L = kLanes<T>;
-  T a1[L] = {}, a2[L] = {};
+  using X = Vx<T>;
+  using V = typename X::V;
+  constexpr int L = X::L;
+  V a1 = {}, a2 = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int j = 0; j < L; ++j) {
-      a1[j] += dy[i + j];
-      a2[j] += dy[i + j] * (x[i + j] - m);
-    }
-  double S1 = 0, S2 = 0;
-  for (int j = 0; j < L; ++j) { S1 += a1[j]; S2 += a2[j]; }
+  for (; i + L <= n; i += L) {
+    V g, v;
+    X::load(g, dy + i);
+    X::load(v, x + i);
+    a1 += g;
+    a2 += g * (v - m);
+  }
+  double S1 = X::hsum(a1), S2 = X::hsum(a2);
   for (; i < n; ++i) {
     S1 += dy[i];
     S2 += static_cast<double>(dy[i] * (x[i] - m));
