@@ -286,7 +286,7 @@ def main(argv=None):
         print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
     except ImportError:
         print(f"\nwrote {args.out}/bench.json (install matplotlib for the chart)")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
