@@ -45,28 +45,6 @@ FL_HD __forceinline__ void welford_merge(Acc& na, Acc& ma, Acc& m2a, Acc nb, Acc
   na = n;
 }
 
-#ifndef FL_FASTDIV_DEFINED
-#define FL_FASTDIV_DEFINED
-// Exact n / d for n, d < 2^31 by a multiply-high and a shift (Granlund-Montgomery,
-// as torch's IntDivider): d > 0, n < 2^31.
-struct FastDiv {
-  uint32_t d = 1, m = 1, s = 0;
-  FastDiv() = default;
-  explicit FastDiv(uint32_t div) : d(div) {
-    s = 0;
-    while (s < 32 && (uint64_t(1) << s) < div) ++s;
-    m = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << s) - div)) / div + 1);
-  }
-  FL_HD __forceinline__ uint32_t div(uint32_t n) const {
-#ifdef __CUDA_ARCH__
-    const uint32_t t = __umulhi(n, m);
-#else
-    const uint32_t t = uint32_t((uint64_t(n) * m) >> 32);
-#endif
-    return (t + n) >> s;
-  }
-};
-#endif
 
 #ifdef __CUDA_ARCH__
 #define FL_UNROLL _Pragma("unroll")
@@ -76,7 +54,7 @@ struct FastDiv {
 
 // ---- Vectorised fast paths: 16-byte loads of VEC = 16 / sizeof(S) elements. ----
 template <typename S> struct alignas(16) BNVec { S v[16 / sizeof(S)]; };
-template <typename S> constexpr int bn_vec() { return int(16 / sizeof(S)); }
+template <typename S> FL_HD constexpr int bn_vec() { return int(16 / sizeof(S)); }
 
 // Reductions over one channel of a dense NC* tensor (plane of S contiguous
 // elements per n) in units of vectors: vector v of channel c covers elements

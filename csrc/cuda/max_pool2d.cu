@@ -16,28 +16,6 @@ namespace {
 
 constexpr int kPoolThreads = 256;
 
-#ifndef FL_FASTDIV_DEFINED
-#define FL_FASTDIV_DEFINED
-// Exact n / d for n, d < 2^31 by a multiply-high and a shift (Granlund-Montgomery,
-// as torch's IntDivider): d > 0, n < 2^31.
-struct FastDiv {
-  uint32_t d = 1, m = 1, s = 0;
-  FastDiv() = default;
-  explicit FastDiv(uint32_t div) : d(div) {
-    s = 0;
-    while (s < 32 && (uint64_t(1) << s) < div) ++s;
-    m = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << s) - div)) / div + 1);
-  }
-  FL_HD __forceinline__ uint32_t div(uint32_t n) const {
-#ifdef __CUDA_ARCH__
-    const uint32_t t = __umulhi(n, m);
-#else
-    const uint32_t t = uint32_t((uint64_t(n) * m) >> 32);
-#endif
-    return (t + n) >> s;
-  }
-};
-#endif
 
 // ---- Fast paths: dense NCHW or dense NHWC tensors, dilation 1, uint8 offsets, --
 // ---- fewer than 2^31 elements (32-bit index math). -----------------------------
