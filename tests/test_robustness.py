@@ -144,3 +144,32 @@ def test_saved_tensors_freed_after_backward():
     gc.collect()
     alive = [r for r in refs if r() is not None and r() is not x]
     assert not alive, f"{len(alive)} saved tensors still alive after backward"
+
+
+@pytest.mark.parametrize("thp", ["1", "0"])
+def test_large_outputs_are_ordinary_tensors(thp):
+    """Outputs of >= 2 MiB come from the huge-page allocator (alloc.cpp):
+    they must still be correct, resizable, usable in place and freed."""
+    code = (
+        "import torch, fastlayers, fastlayers.nn as fnn\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(8, 64, 48, 48)  # 4.7 MB\n"
+        "bn, ref = fnn.BatchNorm2d(64), torch.nn.BatchNorm2d(64)\n"
+        "y = bn(x)\n"
+        "torch.testing.assert_close(y, ref(x))\n"
+        "p = fnn.MaxPool2d(2)(x)\n"
+        "torch.testing.assert_close(p, torch.nn.functional.max_pool2d(x, 2))\n"
+        "y.relu_()\n"
+        "torch.testing.assert_close(y, torch.relu(ref(x)))\n"
+        "y.resize_(3 * y.numel())\n"
+        "y.fill_(1.0)\n"
+        "assert y.sum().item() == 3 * x.numel()\n"
+        "del y, p\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+    env = dict(os.environ, FASTLAYERS_THP=thp)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

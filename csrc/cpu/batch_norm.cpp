@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "batch_norm_kernels.h"
+#include "alloc.h"
 #include "common.h"
 #include "isa.h"
 
@@ -227,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
   TORCH_CHECK(has(running_mean) == has(running_var), "fastlayers.", op,
               ": running_mean and running_var must both be given or both be None");
   Layout g = make_layout(input);
-  at::Tensor out = at::empty_like(g.x, g.x.options().memory_format(g.fmt));
+  at::Tensor out = cpu::empty_like(g.x, g.fmt);
   at::Tensor save_mean = at::zeros({C}, input.options());
   at::Tensor save_invstd = at::zeros({C}, input.options());
   if (g.M == 0 || C == 0) return {out, save_mean, save_invstd};  // nothing to normalise
@@ -279,7 +280,7 @@ at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tens
   check_param(running_mean, input, C, op, "running_mean");
   check_param(running_var, input, C, op, "running_var");
   Layout g = make_layout(input);
-  at::Tensor out = at::empty_like(g.x, g.x.options().memory_format(g.fmt));
+  at::Tensor out = cpu::empty_like(g.x, g.fmt);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_batch_norm_eval", [&] {
     const auto w = to_double<scalar_t>(weight, C, 1.0), b = to_double<scalar_t>(bias, C, 0.0);
@@ -309,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   const at::Tensor dy_t = grad_output.contiguous(g.fmt);
   at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
              gb = no_grad_placeholder(input);  // distinct: outputs must not alias
-  if (mask[0]) gi = at::empty_like(g.x, g.x.options().memory_format(g.fmt));
+  if (mask[0]) gi = cpu::empty_like(g.x, g.fmt);
   if (mask[1]) gw = at::zeros({C}, input.options());
   if (mask[2]) gb = at::zeros({C}, input.options());
   if (g.M == 0 || C == 0) return {gi, gw, gb};

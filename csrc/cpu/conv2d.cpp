@@ -38,6 +38,7 @@
 
 #include <vector>
 
+#include "alloc.h"
 #include "common.h"
 #include "conv2d.h"
 #include "gemm.h"
@@ -338,7 +339,7 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   }
   const bool cl = use_channels_last(input, weight);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty({s.N, s.K, s.P, s.Q}, input.options().memory_format(fmt));
+  at::Tensor out = cpu::empty({s.N, s.K, s.P, s.Q}, input.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   const at::Tensor x = input.contiguous(fmt);
   // Cg == 1: [K, 1, R, S] is the same memory in both formats.
@@ -382,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     const auto opts = input.options().memory_format(fmt);
     const bool overwrite = work && (direct || s.pointwise()) && s.C > 0;
     // (at::zeros would drop the memory format.)
-    gi = at::empty({s.N, s.C, s.H, s.W}, opts);
+    gi = cpu::empty({s.N, s.C, s.H, s.W}, opts);
     if (!overwrite) gi.zero_();
     if (work && s.C > 0) {
       w = direct ? weight.contiguous() : weight.contiguous(fmt);

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "alloc.h"
 #include "common.h"
 #include "gemm.h"
 
@@ -45,7 +46,7 @@ at::Tensor linear_forward(const at::Tensor& input, const at::Tensor& weight,
                 " must have shape [", weight.size(0), "], got ", bias->sizes());
     b = bias->contiguous();
   }
-  at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
+  at::Tensor out = cpu::empty({input.size(0), weight.size(0)}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_linear_forward", [&] {
     auto g = matmul_args<scalar_t>(input, false, weight, true, out);
     g.bias_n = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
@@ -79,11 +80,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
              gb = no_grad_placeholder(input);  // distinct: outputs must not alias
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_linear_backward", [&] {
     if (mask[0]) {
-      gi = at::empty_like(input, at::MemoryFormat::Contiguous);
+      gi = cpu::empty_like(input, at::MemoryFormat::Contiguous);
       cpu::gemm(matmul_args<scalar_t>(grad_output, false, weight, false, gi));
     }
     if (mask[1]) {
-      gw = at::empty_like(weight, at::MemoryFormat::Contiguous);
+      gw = cpu::empty_like(weight, at::MemoryFormat::Contiguous);
       cpu::gemm(matmul_args<scalar_t>(grad_output, true, input, false, gw));
     }
     if (mask[2]) {

@@ -28,6 +28,7 @@
 #include <limits>
 #include <vector>
 
+#include "alloc.h"
 #include "common.h"
 #include "isa.h"
 #include "max_pool2d_kernels.h"
@@ -322,8 +323,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor input = input_.contiguous(fmt);
   auto opts = input.options().memory_format(fmt);
-  at::Tensor out = at::empty({g.N, g.C, g.OH, g.OW}, opts);
-  at::Tensor off = at::empty({g.N, g.C, g.OH, g.OW}, opts.dtype(g.off32() ? at::kInt : at::kByte));
+  at::Tensor out = cpu::empty({g.N, g.C, g.OH, g.OW}, opts);
+  at::Tensor off = cpu::empty({g.N, g.C, g.OH, g.OW}, opts.dtype(g.off32() ? at::kInt : at::kByte));
   if (out.numel() == 0) return {out, off};
 
   const cpu::Isa isa = cpu::active_isa();
@@ -464,7 +465,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
   g.OW = grad_output.size(3);
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor go = grad_output.contiguous(fmt), off = offsets.contiguous(fmt);
-  at::Tensor gi = at::empty({g.N, g.C, g.H, g.W}, grad_output.options().memory_format(fmt));
+  at::Tensor gi = cpu::empty({g.N, g.C, g.H, g.W}, grad_output.options().memory_format(fmt));
   if (gi.numel() == 0) return gi;
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "fastlayers_max_pool2d_backward", [&] {
     if (g.off32()) backward_impl<scalar_t, int32_t>(go, off, gi, g, channels_last);
@@ -504,7 +505,7 @@ at::Tensor max_pool2d_indices(const at::Tensor& offsets, int64_t input_width, at
   const auto fmt = offsets.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor off = offsets.contiguous(fmt);
-  at::Tensor idx = at::empty(off.sizes(), off.options().dtype(at::kLong).memory_format(fmt));
+  at::Tensor idx = cpu::empty(off.sizes(), off.options().dtype(at::kLong).memory_format(fmt));
   if (idx.numel() == 0) return idx;
   if (g.off32()) indices_impl<int32_t>(off, idx, g, cl);
   else indices_impl<uint8_t>(off, idx, g, cl);

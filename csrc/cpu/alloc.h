@@ -1,0 +1,18 @@
+// Output tensors of the CPU ops. Blocks of 2 MiB and more are 2 MiB aligned
+// and advised for transparent huge pages (MADV_HUGEPAGE), as torch itself does
+// when THP_MEM_ALLOC_ENABLE=1: a fresh 50 MB output then takes ~25 page faults
+// instead of ~12,000, which on this VM is ~20 ms of a 45 ms BatchNorm.
+// Smaller blocks come from torch's CPU allocator. FASTLAYERS_THP=0 turns the
+// huge-page path off (read once).
+#pragma once
+#include <ATen/ATen.h>
+
+namespace fastlayers::cpu {
+
+// Like at::empty(sizes, opts) (opts' memory format honoured), CPU only.
+at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
+
+// Like at::empty_like(t, t.options().memory_format(fmt)).
+at::Tensor empty_like(const at::Tensor& t, at::MemoryFormat fmt);
+
+}  // namespace fastlayers::cpu
