@@ -497,3 +497,36 @@ def test_errors():
     with pytest.raises(ValueError, match="pad"):
         ops.max_pool2d_forward(torch.randn(1, 1, 5, 5, device=DEV), [2, 2], [1, 1], [2, 2], [1, 1],
                                False)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "batch_norm", "max_pool2d"])
+def test_mixed_devices_raise_like_torch(layer):
+    """A parameter on the CPU with a CUDA input (or the reverse) gets the
+    exception type torch raises, with a message naming the devices."""
+    import fastlayers.nn.functional as FF
+
+    def call(fn, xdev, pdev):
+        torch.manual_seed(0)  # the same inputs for torch and for us
+        if layer == "linear":
+            return fn.linear(torch.randn(4, 8, device=xdev), torch.randn(3, 8, device=pdev))
+        if layer == "conv2d":
+            return fn.conv2d(torch.randn(2, 3, 8, 8, device=xdev),
+                             torch.randn(4, 3, 3, 3, device=pdev))
+        if layer == "batch_norm":
+            return fn.batch_norm(torch.randn(2, 3, 4, 4, device=xdev), None, None,
+                                 torch.ones(3, device=pdev), torch.zeros(3, device=pdev),
+                                 training=True)
+        x = torch.randn(2, 3, 8, 8, device=xdev)  # max_pool2d has no parameters:
+        return fn.max_pool2d(x, 2, return_indices=True)  # it must just work on xdev
+
+    for xdev, pdev in (("cuda", "cpu"), ("cpu", "cuda")):
+        if layer == "max_pool2d":
+            out, idx = call(FF, xdev, pdev)
+            ref, ridx = call(F, xdev, pdev)
+            assert out.device.type == xdev and torch.equal(idx.cpu(), ridx.cpu())
+            continue
+        with pytest.raises(Exception) as theirs:
+            call(F, xdev, pdev)
+        with pytest.raises(theirs.type) as ours:
+            call(FF, xdev, pdev)
+        assert "device" in str(ours.value), str(ours.value)
