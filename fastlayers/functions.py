@@ -51,7 +51,10 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
         out = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(input, weight)
+        need_x, need_w, _ = ctx.needs_input_grad[:3]
+        # dX needs W, dW needs X (a frozen layer keeps no activation).
+        ctx.save_for_backward(input if need_w else None, weight if need_x else None)
+        ctx.layouts = ((input.shape, input.stride()), (weight.shape, weight.stride()))
         ctx.conf = (stride, padding, dilation, groups)
         return out
 
@@ -60,6 +63,14 @@ class Conv2dFunction(torch.autograd.Function):
         _no_double_backward("conv2d")
         input, weight = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
+        # The op reads the shape and memory format of both; a tensor we did not
+        # keep is stood in for by an uninitialised one with the same strides
+        # (never read, and never touched, so it costs no memory).
+        (x_shape, x_stride), (w_shape, w_stride) = ctx.layouts
+        if input is None:
+            input = grad_output.new_empty_strided(x_shape, x_stride)
+        if weight is None:
+            weight = grad_output.new_empty_strided(w_shape, w_stride)
         gi, gw, gb = ops.conv2d_backward(grad_output, input, weight, *ctx.conf, mask)
         return (_grad_or_none(gi, mask[0]), _grad_or_none(gw, mask[1]),
                 _grad_or_none(gb, mask[2]), None, None, None, None)

@@ -71,6 +71,49 @@ def test_no_grad_saves_nothing(ours_cls, ref_cls, args, shape):
     assert y.grad_fn is None and not y.requires_grad
 
 
+@pytest.mark.parametrize("layer,channels_last", [("linear", False), ("conv2d", False),
+                                                  ("conv2d", True)])
+@pytest.mark.parametrize("frozen", ["weight", "input"])
+def test_saves_only_what_backward_needs(layer, frozen, channels_last):
+    """A frozen weight keeps no activation (dX needs only W); an input that
+    needs no grad keeps no weight (dW needs only X). Gradients still match."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        ours, ref = fnn.Linear(16, 8), torch.nn.Linear(16, 8)
+        x = torch.randn(5, 16)
+    else:
+        ours, ref = fnn.Conv2d(4, 6, 3, padding=1), torch.nn.Conv2d(4, 6, 3, padding=1)
+        x = torch.randn(2, 4, 7, 7)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+    ref.load_state_dict(ours.state_dict())
+    for m in (ours, ref):
+        m.weight.requires_grad_(frozen != "weight")
+    x_ours = x.clone().requires_grad_(frozen != "input")
+    x_ref = x.clone().requires_grad_(frozen != "input")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ours(x_ours)
+    kept = {id(t) for t in saved}
+    absent = x_ours if frozen == "weight" else ours.weight
+    assert all(t is not absent for t in saved) and id(absent) not in kept
+    assert len(saved) == 1, [tuple(t.shape) for t in saved]
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref = ref(x_ref)
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref)
+    if frozen == "weight":
+        torch.testing.assert_close(x_ours.grad, x_ref.grad)
+        assert ours.weight.grad is None
+        if channels_last:
+            assert x_ours.grad.is_contiguous(memory_format=torch.channels_last)
+    else:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+        assert x_ours.grad is None
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+
+
 def _net(ns):
     return torch.nn.Sequential(
         ns.Conv2d(3, 8, 3, padding=1), ns.BatchNorm2d(8), torch.nn.ReLU(), ns.MaxPool2d(2),
