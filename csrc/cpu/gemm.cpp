@@ -121,6 +121,20 @@ template <typename T>
 void pack_a(const KernelSet<T>& ks, int64_t mc, int64_t kc, const T* A, int64_t rsA, int64_t csA,
             T* dst) {
   const int MR = ks.MR;
+  if (rsA == 1 && csA != 1) {
+    // Columns of A contiguous: walk k outermost so the source is read in
+    // order (a column walk per sliver would miss the cache on every k).
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* sk = A + k * csA;
+      for (int64_t ir = 0; ir < mc; ir += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+        T* dk = dst + ir * kc + k * MR;
+        for (int r = 0; r < mr; ++r) dk[r] = sk[ir + r];
+        for (int r = mr; r < MR; ++r) dk[r] = T(0);
+      }
+    }
+    return;
+  }
   for (int64_t ir = 0; ir < mc; ir += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
     const T* s = A + ir * rsA;
@@ -147,19 +161,25 @@ template <typename T>
 void pack_b(const KernelSet<T>& ks, int64_t kc, int64_t nc, const T* B, int64_t rsB, int64_t csB,
             T* dst) {
   const int NR = ks.NR;
+  if (csB == 1) {
+    // Rows of B contiguous: k outermost, so each row is read in order and
+    // each sliver is written as a sequential stream (a column walk per
+    // sliver misses the cache on every k: it cost as much as the FMAs).
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* sk = B + k * rsB;
+      for (int64_t jr = 0; jr < nc; jr += NR) {
+        const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
+        T* dk = dst + jr * kc + k * NR;
+        for (int j = 0; j < nr; ++j) dk[j] = sk[jr + j];
+        for (int j = nr; j < NR; ++j) dk[j] = T(0);
+      }
+    }
+    return;
+  }
   for (int64_t jr = 0; jr < nc; jr += NR) {
     const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
     const T* s = B + jr * csB;
     T* d = dst + jr * kc;
-    if (csB == 1) {
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* sk = s + k * rsB;
-        T* dk = d + k * NR;
-        for (int j = 0; j < nr; ++j) dk[j] = sk[j];
-        for (int j = nr; j < NR; ++j) dk[j] = T(0);
-      }
-      continue;
-    }
     if (rsB == 1 && nr == NR && ks.pack_t) {
       ks.pack_t(kc, s, csB, NR, d);
       continue;

@@ -102,12 +102,30 @@ void kernel_6x2(const Tile<typename S::T>& t) {
 
 }  // namespace
 
+namespace {
+// Stores the first n (< 8) lanes of v.
+inline void store_first(float* d, __m256 v, int n) {
+  __m128 x = _mm256_castps256_ps128(v);
+  if (n >= 4) {
+    _mm_storeu_ps(d, x);
+    d += 4;
+    n -= 4;
+    x = _mm256_extractf128_ps(v, 1);
+  }
+  if (n >= 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(d), x);
+    d += 2;
+    n -= 2;
+    x = _mm_movehl_ps(x, x);
+  }
+  if (n) _mm_store_ss(d, x);
+}
+}  // namespace
+
 // dst[k * nr + j] = src[j * ld + k] for j < nr, k < kc: 8x8 register
-// transposes (rows past nr in the last block are dummies, stored masked).
+// transposes (rows past nr in the last block are dummies, not stored).
 void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst) {
   const int full = nr / 8, rest = nr % 8;
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
     for (int h = 0; h < full + (rest > 0); ++h) {  // rows j = 8h .. 8h+7
@@ -137,8 +155,8 @@ void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* ds
       float* d = dst + k * nr + 8 * h;
       if (rows == 8) {
         for (int q = 0; q < 8; ++q) _mm256_storeu_ps(d + q * nr, o[q]);
-      } else {
-        for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(d + q * nr, mask, o[q]);
+      } else {  // 4 + 2 + 1 float stores (vmaskmovps stores are microcoded on AMD)
+        for (int q = 0; q < 8; ++q) store_first(d + q * nr, o[q], rows);
       }
     }
   }
