@@ -148,6 +148,25 @@ def test_gemm_core(isa, dtype, cl, accumulate, M, N, K):
         check(c, ref, K)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prepack", [1, 2, 3])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (23, 37, 41), (150, 90, 270), (13, 600, 530),
+                                   (300, 17, 700)])
+def test_gemm_core_prepacked(isa, dtype, prepack, M, N, K):
+    """A and/or B packed once up front (as conv packs its weight) give the
+    same C as packing inside the call; K > KC and ragged M, N edges included."""
+    a, b = layout(randn(M, K, dtype=dtype), "t"), layout(randn(K, N, dtype=dtype), "sliced")
+    c0 = randn(M, N, dtype=dtype)
+    bm, bn = randn(M, dtype=dtype), randn(N, dtype=dtype)
+    for accumulate in (False, True):
+        c, c_ref = c0.clone(), c0.clone()
+        gemm_(a, b, c, accumulate, bm, bn, prepack)
+        gemm_(a, b, c_ref, accumulate, bm, bn, 0)
+        torch.testing.assert_close(c, c_ref, rtol=0, atol=0)
+        ref = a.double() @ b.double() + bm.double()[:, None] + bn.double()[None, :]
+        check(c, ref + c0.double() if accumulate else ref, K)
+
+
 def test_gemm_core_nan_not_read_without_accumulate(isa):
     # beta = 0 must overwrite C, not multiply garbage by zero
     a, b = randn(20, 30, dtype=torch.float32), randn(30, 40, dtype=torch.float32)

@@ -36,6 +36,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #include "alloc.h"
@@ -72,6 +73,30 @@ int64_t pixel_tile(const ConvShape& s, int64_t elem_bytes, bool split_for_thread
   return tile;
 }
 
+// The weight of each group packed once for the GEMM core, reused by every
+// image and pixel tile (otherwise each GEMM call would pack it again). As A
+// ([Kg, CgRS] or its transpose) or as B; empty when there is one call only.
+template <typename T>
+struct PackedWeight {
+  std::unique_ptr<T[]> buf;
+  int64_t per = 0;  // elements per group
+  PackedWeight(const ConvShape& s, int64_t calls, bool as_a, bool transposed, const T* w) {
+    if (calls <= 1) return;
+    const int64_t rowlen = s.CgRS();
+    // W_g is [Kg, rowlen] row-major; W_g^T is [rowlen, Kg].
+    const int64_t rows = transposed ? rowlen : s.Kg, cols = transposed ? s.Kg : rowlen;
+    const int64_t rs = transposed ? 1 : rowlen, cs = transposed ? rowlen : 1;
+    per = as_a ? cpu::gemm_packed_a_size<T>(rows, cols) : cpu::gemm_packed_b_size<T>(rows, cols);
+    buf.reset(new T[per * s.G]);
+    for (int64_t g = 0; g < s.G; ++g) {
+      const T* wg = w + g * s.Kg * rowlen;
+      if (as_a) cpu::gemm_pack_a<T>(rows, cols, wg, rs, cs, buf.get() + g * per);
+      else cpu::gemm_pack_b<T>(rows, cols, wg, rs, cs, buf.get() + g * per);
+    }
+  }
+  const T* group(int64_t g) const { return buf ? buf.get() + g * per : nullptr; }
+};
+
 // ---------------------------------------------------------------- forward
 
 template <typename T>
@@ -79,6 +104,8 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
   const bool pw = s.pointwise();
   const int64_t tile = pixel_tile(s, sizeof(T), true), ntiles = divup(PQ, tile);
+  // NCHW: A = W_g; NHWC: B = W_g^T.
+  const PackedWeight<T> wpk(s, s.N * ntiles, !cl, cl, w);
   cpu::run_chunks(s.N * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
     std::vector<T> col(pw ? 0 : rowlen * tile);
     for (int64_t i = i0; i < i1; ++i) {
@@ -90,6 +117,7 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
         const T* xg = x + (n * s.C + g * s.Cg) * HW;
         a.M = s.Kg; a.N = pn;
         a.A = w + g * s.Kg * rowlen; a.rsA = rowlen; a.csA = 1;
+        a.packed_A = wpk.group(g);
         if (pw) {
           a.B = xg + p0; a.rsB = HW; a.csB = 1;
         } else {
@@ -108,6 +136,7 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
           a.A = col.data(); a.rsA = rowlen; a.csA = 1;
         }
         a.B = w + g * s.Kg * rowlen; a.rsB = 1; a.csB = rowlen;
+        a.packed_B = wpk.group(g);
         a.C = y + (n * PQ + p0) * s.K + g * s.Kg; a.rsC = s.K; a.csC = 1;
         a.bias_n = b ? b + g * s.Kg : nullptr;
       }
@@ -124,6 +153,8 @@ void grad_input_gemm(const ConvShape& s, bool cl, const T* dy, const T* w, T* dx
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
   const bool pw = s.pointwise();
   const int64_t tile = pixel_tile(s, sizeof(T), false), ntiles = divup(PQ, tile);
+  // NCHW: A = W_g^T; NHWC: B = W_g.
+  const PackedWeight<T> wpk(s, s.N * ntiles, !cl, !cl, w);
   cpu::run_chunks(s.N * s.G, [&](int64_t, int64_t i0, int64_t i1) {
     std::vector<T> col(pw ? 0 : rowlen * tile);
     for (int64_t i = i0; i < i1; ++i) {
@@ -136,6 +167,7 @@ void grad_input_gemm(const ConvShape& s, bool cl, const T* dy, const T* w, T* dx
           T* dxg = dx + (n * s.C + g * s.Cg) * HW;
           a.M = rowlen; a.N = pn;
           a.A = w + g * s.Kg * rowlen; a.rsA = 1; a.csA = rowlen;
+          a.packed_A = wpk.group(g);
           a.B = dy + (n * s.K + g * s.Kg) * PQ + p0; a.rsB = PQ; a.csB = 1;
           if (pw) {
             a.C = dxg + p0; a.rsC = HW; a.csC = 1;
@@ -150,6 +182,7 @@ void grad_input_gemm(const ConvShape& s, bool cl, const T* dy, const T* w, T* dx
           a.M = pn; a.N = rowlen;
           a.A = dy + (n * PQ + p0) * s.K + g * s.Kg; a.rsA = s.K; a.csA = 1;
           a.B = w + g * s.Kg * rowlen; a.rsB = rowlen; a.csB = 1;
+          a.packed_B = wpk.group(g);
           if (pw) {
             a.C = dxn + p0 * s.C; a.rsC = s.C; a.csC = 1;
             cpu::gemm(a);

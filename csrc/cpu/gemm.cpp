@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <new>
 #include <utility>
+#include <vector>
 
 #include "gemm_kernels.h"
 #include "isa.h"
@@ -202,8 +203,11 @@ void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool p
   const int64_t kc_max = std::min(ks.KC, g.K);
   const int64_t mc_max = std::min(ks.MC, round_up(m1 - m0, MR));
   const int64_t nc_max = std::min(ks.NC, round_up(n1 - n0, NR));
-  T* Ap = packA ? scratch<T>(0, mc_max * kc_max) : nullptr;
-  T* Bp = packB ? scratch<T>(1, nc_max * kc_max) : nullptr;
+  T* const Ap_buf = packA && !g.packed_A ? scratch<T>(0, mc_max * kc_max) : nullptr;
+  T* const Bp_buf = packB && !g.packed_B ? scratch<T>(1, nc_max * kc_max) : nullptr;
+  const int64_t Mr = round_up(g.M, MR), Nr = round_up(g.N, NR);  // pre-packed panel heights
+  const T* Ap = Ap_buf;
+  const T* Bp = Bp_buf;
   T* misc = scratch<T>(2, MR * NR + (MR + NR) * kc_max);
   T* ctile = misc;                  // MR x NR temporary tile
   T* a_edge = misc + MR * NR;       // last partial A sliver (unpacked A)
@@ -216,12 +220,15 @@ void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool p
       const bool first = pc == 0;
       const bool beta = !first || g.accumulate;
       const T* Bsrc = g.B + pc * g.rsB + jc * g.csB;
-      if (packB) pack_b(ks, kc, nc, Bsrc, g.rsB, g.csB, Bp);
+      if (g.packed_B) Bp = g.packed_B + pc * Nr + jc * kc;
+      else if (packB) pack_b(ks, kc, nc, Bsrc, g.rsB, g.csB, Bp_buf);
       for (int64_t ic = m0; ic < m1; ic += ks.MC) {
         const int64_t mc = std::min(ks.MC, m1 - ic);
         const T* Asrc = g.A + ic * g.rsA + pc * g.csA;
-        if (packA) {
-          pack_a(ks, mc, kc, Asrc, g.rsA, g.csA, Ap);
+        if (g.packed_A) {
+          Ap = g.packed_A + pc * Mr + ic * kc;
+        } else if (packA) {
+          pack_a(ks, mc, kc, Asrc, g.rsA, g.csA, Ap_buf);
         } else if (mc % MR) {
           const int64_t last = mc / MR * MR;
           pack_a(ks, mc - last, kc, Asrc + last * g.rsA, g.rsA, g.csA, a_edge);
@@ -296,6 +303,8 @@ template <typename T>
 void gemm_impl(GemmArgs<T> g) {
   if (g.M <= 0 || g.N <= 0) return;
   if (g.K <= 0) return gemm_no_k(g);
+  const bool prepacked = g.packed_A || g.packed_B;
+  TORCH_INTERNAL_ASSERT(!prepacked || g.csC == 1, "gemm: pre-packed operands need csC == 1");
   // The kernels write rows of C; for a column-major C solve C^T = B^T A^T.
   if (g.csC != 1 && g.rsC == 1) {
     std::swap(g.M, g.N);
@@ -310,14 +319,14 @@ void gemm_impl(GemmArgs<T> g) {
 
   // Tiny M (or N) with A rows and B columns contiguous along K (Linear forward
   // at batch 1..4): dot products, so the big operand is streamed once, unpacked.
-  if (ks.dot && g.N <= 4 && g.M > 4 && g.csA == 1 && g.rsB == 1) {
+  if (!prepacked && ks.dot && g.N <= 4 && g.M > 4 && g.csA == 1 && g.rsB == 1) {
     std::swap(g.M, g.N);  // C^T = B^T A^T keeps the layout "NT"
     std::swap(g.A, g.B);
     std::swap(g.rsA, g.csB);  // rsA' = csB (csA' = rsB = 1, rsB' = csA = 1)
     std::swap(g.rsC, g.csC);
     std::swap(g.bias_m, g.bias_n);
   }
-  if (ks.dot && g.M <= 4 && g.csA == 1 && g.rsB == 1) {
+  if (!prepacked && ks.dot && g.M <= 4 && g.csA == 1 && g.rsB == 1) {
     DotArgs<T> d{g.M, g.K, 0, g.N, g.A, g.rsA, g.B, g.csB, g.C, g.rsC, g.csC,
                  g.accumulate, g.bias_m, g.bias_n};
     const int64_t grain = std::max<int64_t>(16, (1 << 18) / std::max<int64_t>(1, g.M * g.K));
@@ -331,8 +340,8 @@ void gemm_impl(GemmArgs<T> g) {
 
   // Skip packing an operand that is reused little: A is reused N / NR times,
   // B is reused M / MR times (and can only be read in place with csB == 1).
-  const bool packA = g.N > 4 * NR;
-  const bool packB = !(g.csB == 1 && g.M <= 4 * MR);
+  const bool packA = g.packed_A || g.N > 4 * NR;
+  const bool packB = g.packed_B || !(g.csB == 1 && g.M <= 4 * MR);
 
   // Threads: a tm x tn grid of C blocks (multiples of MR x NR), choosing the
   // grid that minimises per-thread compute + packing (in units of K).
@@ -364,11 +373,62 @@ void gemm_impl(GemmArgs<T> g) {
   });
 }
 
+// Whole-operand packing: per KC block of K, the panels pack_a / pack_b
+// write for the full M (N), so block (pc, i0) of A sits at pc * Mr + i0 * kc
+// (Mr = M rounded up to MR), as gemm_block reads it.
+template <typename T>
+// s_mn / s_k: X's strides along M (or N) and along K.
+void pack_all(bool is_a, int64_t MN, int64_t K, const T* X, int64_t s_mn, int64_t s_k, T* dst) {
+  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  const int64_t R = is_a ? ks.MR : ks.NR, MNr = round_up(MN, R);
+  const int64_t nslab = ceil_div(MN, R), nkb = ceil_div(K, ks.KC);
+  // Items: (K block, group of slivers) pairs, so a short K still splits.
+  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(nslab, 16));
+  const int64_t groups = ceil_div(nslab, per);
+  at::parallel_for(0, nkb * groups, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t pc = (it / groups) * ks.KC, kc = std::min(ks.KC, K - pc);
+      const int64_t r0 = (it % groups) * per * R, rn = std::min(per * R, MN - r0);
+      T* d = dst + pc * MNr + r0 * kc;
+      const T* src = X + r0 * s_mn + pc * s_k;
+      if (is_a) pack_a(ks, rn, kc, src, s_mn, s_k, d);
+      else pack_b(ks, kc, rn, src, s_k, s_mn, d);
+    }
+  });
+}
+
 }  // namespace
 }  // namespace gemm_detail
 
 void gemm(const GemmArgs<float>& a) { gemm_detail::gemm_impl(a); }
 void gemm(const GemmArgs<double>& a) { gemm_detail::gemm_impl(a); }
+
+template <typename T>
+int64_t gemm_packed_a_size(int64_t M, int64_t K) {
+  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  return gemm_detail::round_up(M, ks.MR) * K;
+}
+template <typename T>
+int64_t gemm_packed_b_size(int64_t K, int64_t N) {
+  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  return gemm_detail::round_up(N, ks.NR) * K;
+}
+template <typename T>
+void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst) {
+  gemm_detail::pack_all(true, M, K, A, rsA, csA, dst);
+}
+template <typename T>
+void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* dst) {
+  gemm_detail::pack_all(false, N, K, B, csB, rsB, dst);
+}
+template int64_t gemm_packed_a_size<float>(int64_t, int64_t);
+template int64_t gemm_packed_a_size<double>(int64_t, int64_t);
+template int64_t gemm_packed_b_size<float>(int64_t, int64_t);
+template int64_t gemm_packed_b_size<double>(int64_t, int64_t);
+template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
+template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
+template void gemm_pack_b<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
+template void gemm_pack_b<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
 
 }  // namespace fastlayers::cpu
 
@@ -382,7 +442,7 @@ namespace {
 
 void gemm_test_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool accumulate,
                   const std::optional<at::Tensor>& bias_m,
-                  const std::optional<at::Tensor>& bias_n) {
+                  const std::optional<at::Tensor>& bias_n, int64_t prepack) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "gemm_: expected 2-D tensors");
   TORCH_CHECK(a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1),
               "gemm_: shape mismatch");
@@ -394,6 +454,9 @@ void gemm_test_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
   at::Tensor bn = has_n ? bias_n->contiguous() : at::Tensor();
   TORCH_CHECK(!has_m || bm.numel() == c.size(0), "gemm_: bias_m must have M elements");
   TORCH_CHECK(!has_n || bn.numel() == c.size(1), "gemm_: bias_n must have N elements");
+  TORCH_CHECK(prepack >= 0 && prepack <= 3, "gemm_: prepack must be 0..3");
+  TORCH_CHECK(prepack == 0 || (c.size(1) <= 1 || c.stride(1) == 1),
+              "gemm_: prepacked operands need a row-major C");
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastlayers_gemm_test", [&] {
     GemmArgs<scalar_t> g;
     g.M = c.size(0); g.N = c.size(1); g.K = a.size(1);
@@ -403,6 +466,20 @@ void gemm_test_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
     g.accumulate = accumulate;
     g.bias_m = has_m ? bm.const_data_ptr<scalar_t>() : nullptr;
     g.bias_n = has_n ? bn.const_data_ptr<scalar_t>() : nullptr;
+    // prepack: bit 0 packs A, bit 1 packs B beforehand (gemm_pack_a / _b).
+    std::vector<scalar_t> pa, pb;
+    if (prepack & 1) {
+      pa.resize(gemm_packed_a_size<scalar_t>(g.M, g.K));
+      gemm_pack_a<scalar_t>(g.M, g.K, g.A, g.rsA, g.csA, pa.data());
+      g.packed_A = pa.data();
+      g.A = nullptr;
+    }
+    if (prepack & 2) {
+      pb.resize(gemm_packed_b_size<scalar_t>(g.K, g.N));
+      gemm_pack_b<scalar_t>(g.K, g.N, g.B, g.rsB, g.csB, pb.data());
+      g.packed_B = pb.data();
+      g.B = nullptr;
+    }
     gemm(g);
   });
 }
@@ -411,7 +488,7 @@ void gemm_test_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
 }  // namespace fastlayers::cpu
 
 TORCH_LIBRARY(fastlayers_internal, m) {
-  m.def("gemm_(Tensor a, Tensor b, Tensor(c!) c, bool accumulate, Tensor? bias_m, Tensor? bias_n)"
-        " -> ()");
+  m.def("gemm_(Tensor a, Tensor b, Tensor(c!) c, bool accumulate, Tensor? bias_m, Tensor? bias_n,"
+        " int prepack=0) -> ()");
   m.impl("gemm_", c10::DispatchKey::CPU, &fastlayers::cpu::gemm_test_op);
 }

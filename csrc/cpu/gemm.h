@@ -21,9 +21,26 @@ struct GemmArgs {
   bool accumulate = false;
   const T* bias_m = nullptr;  // length M, added to every row i
   const T* bias_n = nullptr;  // length N, added to every column j
+  // Optional: A (or B) already packed by gemm_pack_a (gemm_pack_b) for this
+  // M, K (K, N); it then replaces A (B), whose pointer and strides are not
+  // read. Requires csC == 1. Packing and use must see the same active ISA.
+  const T* packed_A = nullptr;
+  const T* packed_B = nullptr;
 };
 
 void gemm(const GemmArgs<float>& a);
 void gemm(const GemmArgs<double>& a);
+
+// Pre-packing an operand that many GEMMs share (a conv weight, over images
+// and pixel tiles): packed once per op instead of once per GEMM call.
+// *_size: elements of the packed buffer; the pack functions parallelise.
+template <typename T>
+int64_t gemm_packed_a_size(int64_t M, int64_t K);
+template <typename T>
+void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst);
+template <typename T>
+int64_t gemm_packed_b_size(int64_t K, int64_t N);
+template <typename T>
+void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* dst);
 
 }  // namespace fastlayers::cpu
