@@ -25,6 +25,9 @@
 // E.g. float, 2 threads: 32x64x32x32 k3p1 -> 576 x 352 = 792 KiB/thread;
 // 16x3x224x224 k7s2p3 -> 147 x 1568 = 900 KiB/thread; 64x6x14x14 k5 -> 150 x
 // 100 = 59 KiB/thread. grad_weight adds (chunks - 1) partial copies of dW.
+// Forward and grad_input also hold the weight packed for the GEMM core once
+// per op (its size, rows rounded up to the micro-tile: 6 or 16), when more
+// than one GEMM call shares it.
 //
 // Threads: work items (image, group, tile) are split into one chunk per
 // thread when there are enough of them (the GEMM then runs single-threaded
