@@ -6,13 +6,20 @@ medians for forward (under no_grad) and forward+backward. Achieved GFLOP/s
 (compute-bound layers) or GB/s (memory-bound layers) are compared with this
 machine's roofline, measured by the report itself: the fp32 FMA peak over all
 threads, and the DRAM copy bandwidth. Saved-tensor bytes (what autograd keeps
-for backward) are reported for both. Writes JSON and a PNG chart.
+for backward) are reported for both, and so is the peak memory of one
+forward+backward step: the growth of the peak RSS over the step, run once in a
+fresh process per library, with the inputs already in memory. That peak holds
+the outputs, gradients, saved tensors and every workspace (im2col tiles,
+packed weights, oneDNN scratchpads); it is the one memory figure both
+libraries can be measured by alike. Writes JSON and a PNG chart.
 """
 import argparse
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -132,6 +139,48 @@ def saved_bytes(module, x) -> int:
     return sum(seen.values())
 
 
+def _step(m, x):
+    y = m(x)
+    y.backward(torch.ones_like(y))
+
+
+def peak_step_mb(case_index: int, lib: str, threads: int) -> float:
+    """Peak-RSS growth (MiB) of one forward+backward step of a case, measured
+    in a fresh process (Linux /proc high-water mark)."""
+    code = ("import sys, torch; from fastlayers.bench import _memprobe; "
+            f"print(_memprobe({case_index}, {lib!r}, {threads}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {r.stderr[-2000:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def _memprobe(case_index: int, lib: str, threads: int) -> float:
+    torch.set_num_threads(threads)
+    case = suite()[case_index]
+    torch.manual_seed(0)
+    m = case.make(torch.nn if lib == "torch" else fastlayers)
+    x = torch.randn(case.shape).requires_grad_(True)
+    # One step at batch 1 first, so one-time costs (autograd engine, thread
+    # pools, code pages) are not charged to the step.
+    _step(m, torch.randn((1,) + tuple(case.shape[1:])).requires_grad_(True))
+    # Reset the high-water mark to the current RSS (Linux: clear_refs 5), so
+    # the import's own transient peak does not hide the step's.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    _step(m, x)
+    return (_status_kb("VmHWM") - before) / 1024.0
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
 def _timeit(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -154,7 +203,7 @@ def time_pair(f_torch, f_ours, min_reps=5, budget_s=1.0, warmup=2):
     return statistics.median(tt), statistics.median(to)
 
 
-def run_case(case: Case, budget_s=1.0, min_reps=5):
+def run_case(case: Case, budget_s=1.0, min_reps=5, memory=True):
     torch.manual_seed(0)
     ref = case.make(torch.nn)
     ours = case.make(fastlayers)
@@ -196,13 +245,18 @@ def run_case(case: Case, budget_s=1.0, min_reps=5):
     if case.kind != "gemm":
         row["torch_saved_bytes"] = saved_bytes(ref, x)
         row["ours_saved_bytes"] = saved_bytes(ours, x)
+        if memory:
+            idx = [c.name for c in suite()].index(case.name)
+            nt = torch.get_num_threads()
+            row["torch_peak_mb"] = peak_step_mb(idx, "torch", nt)
+            row["ours_peak_mb"] = peak_step_mb(idx, "ours", nt)
     return row
 
 
 def format_table(rows, peak, dram):
     head = (f"{'case':44s} {'torch fwd':>9s} {'ours fwd':>9s} {'x':>6s} {'torch f+b':>10s} "
             f"{'ours f+b':>9s} {'x':>6s} {'achieved (fwd)':>16s} {'%roof':>6s} "
-            f"{'saved torch':>11s} {'saved ours':>10s}")
+            f"{'saved torch':>11s} {'saved ours':>10s} {'peak torch':>10s} {'peak ours':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "ours_fwd_gflops" in r:
@@ -214,10 +268,12 @@ def format_table(rows, peak, dram):
         fb = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
         sb = lambda k: f"{r[k] / 2 ** 20:.2f}M" if k in r else "-"  # noqa: E731
         sp = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        pm = lambda k: f"{r[k]:.1f}M" if k in r else "-"  # noqa: E731
         lines.append(f"{r['case']:44s} {r['torch_fwd_ms']:9.3f} {r['ours_fwd_ms']:9.3f} "
                      f"{sp('speedup_fwd'):>6s} {fb('torch_fwdbwd_ms'):>10s} {fb('ours_fwdbwd_ms'):>9s} "
                      f"{sp('speedup_fwdbwd'):>6s} {ach:>16s} {roof:>6s} "
-                     f"{sb('torch_saved_bytes'):>11s} {sb('ours_saved_bytes'):>10s}")
+                     f"{sb('torch_saved_bytes'):>11s} {sb('ours_saved_bytes'):>10s} "
+                     f"{pm('torch_peak_mb'):>10s} {pm('ours_peak_mb'):>9s}")
     return "\n".join(lines)
 
 
@@ -251,6 +307,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     ap.add_argument("--quick", action="store_true", help="small budget, for a smoke run")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the per-step peak-memory probes (two subprocesses per case)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,7 +326,7 @@ def main(argv=None):
           if peak else f"roofline: DRAM copy {dram:.1f} GB/s (no FMA path)")
     rows = []
     for c in cases:
-        r = run_case(c, args.budget, args.min_reps)
+        r = run_case(c, args.budget, args.min_reps, memory=not args.no_memory)
         rows.append(r)
         print(f"  {c.name}: fwd {r['speedup_fwd']:.2f}x"
               + (f", fwd+bwd {r['speedup_fwdbwd']:.2f}x" if "speedup_fwdbwd" in r else ""), flush=True)
