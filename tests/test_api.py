@@ -282,3 +282,21 @@ def test_build_info():
     info = fastlayers.build_info()
     assert info["cpu_isa"] in info["cpu_isas_supported"]
     assert isinstance(info["cuda_kernels"], bool)
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
+def test_no_grad_path_matches_torch(ours_cls, ref_cls, args, shape):
+    """Under no_grad the ops are called without the autograd.Function; the
+    results (and BatchNorm's running statistics, in train and eval mode) are
+    still torch's."""
+    torch.manual_seed(0)
+    ours, ref = ours_cls(*args), ref_cls(*args)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    for train in (True, False):
+        ours.train(train), ref.train(train)
+        with torch.no_grad():
+            y, y_ref = ours(x), ref(x)
+        torch.testing.assert_close(y, y_ref)
+        for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+            torch.testing.assert_close(a, b, msg=k)
