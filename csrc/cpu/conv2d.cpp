@@ -16,14 +16,16 @@
 // unpadded conv uses X (or dX) in place of col.
 //
 // Workspace: one column buffer per thread of CgRS * tile elements, where
-//   tmax   = max(64, kColBudgetBytes / (CgRS * sizeof(T)))       (1 MiB budget)
+//   tmax   = max(64, budget / (CgRS * sizeof(T)))
+//            (budget 256 KiB for forward and grad_input, 1 MiB for grad_weight)
 //   ntiles = ceil(P*Q / tmax), raised to a multiple of the thread count (at
 //            most P*Q / 64) when N * groups < threads and P*Q >= 128
 //   tile   = min(P*Q, roundup16(ceil(P*Q / ntiles)))
-// and none for pointwise convs or the Cg == 1 direct kernels. So <= ~1 MiB
-// per thread unless CgRS > 4096 (float), where the 64-pixel floor wins.
-// E.g. float, 2 threads: 32x64x32x32 k3p1 -> 576 x 352 = 792 KiB/thread;
-// 16x3x224x224 k7s2p3 -> 147 x 1568 = 900 KiB/thread; 64x6x14x14 k5 -> 150 x
+// and none for pointwise convs or the Cg == 1 direct kernels. So <= ~budget
+// per thread unless CgRS > 1024 (float, 256 KiB), where the 64-pixel floor wins.
+// E.g. float, 2 threads, forward: 32x64x32x32 k3p1 -> 576 x 112 = 252 KiB/thread,
+// (grad_weight: 576 x 352 = 792 KiB); 16x3x224x224 k7s2p3 -> 147 x 448 = 257
+// KiB/thread; 64x6x14x14 k5 -> 150 x
 // 100 = 59 KiB/thread. grad_weight adds (chunks - 1) partial copies of dW.
 // Forward and grad_input also hold the weight packed for the GEMM core once
 // per op (its size, rows rounded up to the micro-tile: 6 or 16), when more
@@ -54,18 +56,24 @@ namespace {
 using cpu::ConvShape;
 using cpu::GemmArgs;
 
-constexpr int64_t kColBudgetBytes = int64_t(1) << 20;
+// Column-buffer budgets: forward and grad_input tiles stay within L2 (the
+// GEMM then packs the tile while it is still there; the weight is packed
+// once per op, so small tiles cost no repacking). grad_weight reduces over
+// the tile's pixels, so its tiles are larger (fewer passes over dW).
+constexpr int64_t kColBudgetBytes = int64_t(1) << 18;
+constexpr int64_t kColBudgetBytesWgrad = int64_t(1) << 20;
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Pixels per column-buffer tile (see the workspace note above). With fewer
 // images*groups than threads, a large image is cut into a multiple of the
 // thread count of tiles so the tiles can be spread over the threads.
-int64_t pixel_tile(const ConvShape& s, int64_t elem_bytes, bool split_for_threads) {
+int64_t pixel_tile(const ConvShape& s, int64_t elem_bytes, bool split_for_threads,
+                   int64_t budget = kColBudgetBytes) {
   const int64_t PQ = s.PQ();
   if (PQ == 0) return 1;
   const int64_t rowlen = std::max<int64_t>(1, s.CgRS());
-  const int64_t tmax = std::max<int64_t>(64, kColBudgetBytes / (rowlen * elem_bytes));
+  const int64_t tmax = std::max<int64_t>(64, budget / (rowlen * elem_bytes));
   int64_t ntiles = divup(PQ, tmax);
   const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
   if (split_for_threads && s.N * s.G < nt && PQ >= 2 * 64) {
@@ -207,7 +215,7 @@ template <typename T>
 void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* dw) {
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW(), wsize = s.K * rowlen;
   const bool pw = s.pointwise();
-  const int64_t tile = pixel_tile(s, sizeof(T), true), ntiles = divup(PQ, tile);
+  const int64_t tile = pixel_tile(s, sizeof(T), true, kColBudgetBytesWgrad), ntiles = divup(PQ, tile);
   const int64_t items = s.N * s.G * ntiles;
   const int64_t nchunks = cpu::planned_chunks(items);
   // Chunk 0 accumulates straight into dw, chunk c > 0 into partial[c - 1].

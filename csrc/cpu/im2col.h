@@ -23,6 +23,7 @@ namespace fastlayers::cpu {
 template <typename T>
 void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col) {
   const int64_t ld = p1 - p0, RS = s.RS();
+  const int64_t oh0 = p0 / s.Q, ow00 = p0 % s.Q;  // the tile's first output pixel
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * ld));
   at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -33,8 +34,8 @@ void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col)
           const int64_t off = q * s.dW - s.pW;
           int64_t lo, hi;
           valid_range(off, s.sW, s.W, s.Q, lo, hi);
-          for (int64_t p = p0; p < p1;) {
-            const int64_t oh = p / s.Q, ow0 = p % s.Q;
+          // (oh, ow0) advance with p: no division per output row.
+          for (int64_t p = p0, oh = oh0, ow0 = ow00; p < p1; ++oh, ow0 = 0) {
             const int64_t ow1 = std::min(s.Q, ow0 + (p1 - p));
             const int64_t ih = oh * s.sH - s.pH + r * s.dH;
             if (ih < 0 || ih >= s.H) {
@@ -64,6 +65,7 @@ void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col)
 template <typename T>
 void col2im_nchw(const ConvShape& s, const T* col, int64_t p0, int64_t p1, T* dx) {
   const int64_t ld = p1 - p0, RS = s.RS();
+  const int64_t oh0 = p0 / s.Q, ow00 = p0 % s.Q;  // the tile's first output pixel
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * ld));
   at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -74,8 +76,7 @@ void col2im_nchw(const ConvShape& s, const T* col, int64_t p0, int64_t p1, T* dx
           const int64_t off = q * s.dW - s.pW;
           int64_t lo, hi;
           valid_range(off, s.sW, s.W, s.Q, lo, hi);
-          for (int64_t p = p0; p < p1;) {
-            const int64_t oh = p / s.Q, ow0 = p % s.Q;
+          for (int64_t p = p0, oh = oh0, ow0 = ow00; p < p1; ++oh, ow0 = 0) {
             const int64_t ow1 = std::min(s.Q, ow0 + (p1 - p));
             const int64_t ih = oh * s.sH - s.pH + r * s.dH;
             if (ih >= 0 && ih < s.H) {
