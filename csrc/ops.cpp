@@ -11,6 +11,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "cpu/alloc.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(fastlayers, m) {
@@ -91,6 +92,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "CPU kernel paths this machine can run, fastest first.");
   mod.def("probe_threads", &probe_threads);
   mod.def("with_cuda", &with_cuda);
+  mod.def("empty_cache", &fastlayers::cpu::empty_cache,
+          "Free the cached huge-page output blocks; returns the bytes freed.");
+  mod.def("cached_bytes", &fastlayers::cpu::cached_bytes,
+          "Bytes of freed output blocks held for reuse.");
   mod.def("fma_peak_gflops", &fastlayers::fma_peak_gflops, pybind11::arg("iters") = 200000000,
           "Measured fp32 FMA peak over all threads, GFLOP/s (benchmark roofline).");
 }

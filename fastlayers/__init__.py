@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Linear", "Conv2d", "MaxPool2d", "BatchNorm2d", "LinearFunction", "Conv2dFunction",
            "MaxPool2dFunction", "BatchNorm2dFunction", "functional", "convert", "build_info",
-           "set_isa", "isa"]
+           "set_isa", "isa", "empty_cache"]
 
 
 def isa() -> str:
@@ -30,6 +30,13 @@ def isa() -> str:
 def set_isa(name: str) -> str:
     """Force a CPU kernel path ('avx512', 'avx2', 'scalar' or 'auto')."""
     return _C.set_isa(name)
+
+
+def empty_cache() -> int:
+    """Free the output blocks (>= 2 MiB) fastlayers keeps for reuse after they
+    are freed, like torch.cuda.empty_cache(); returns the bytes freed. The cache
+    holds at most FASTLAYERS_CACHE_MB (default 256) MiB."""
+    return int(_C.empty_cache())
 
 
 def build_info() -> dict:

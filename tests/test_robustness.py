@@ -174,3 +174,35 @@ def test_large_outputs_are_ordinary_tensors(thp):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_output_block_cache_is_bounded_and_releasable():
+    """Freed outputs >= 2 MiB are kept for reuse (alloc.cpp) up to
+    FASTLAYERS_CACHE_MB; empty_cache() frees them; 0 disables caching."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, fastlayers, fastlayers.nn as fnn\n"
+        "x = torch.randn(16, 64, 56, 56)  # 12.25 MiB\n"
+        "bn = fnn.BatchNorm2d(64)\n"
+        "y = bn(x); ptr = y.data_ptr(); del y\n"
+        "c = fastlayers._C.cached_bytes()\n"
+        "y2 = bn(x)  # same size: the cached block is reused\n"
+        "reused = y2.data_ptr() == ptr and fastlayers._C.cached_bytes() == 0\n"
+        "torch.testing.assert_close(y2, torch.nn.functional.batch_norm(x, None, None, training=True))\n"
+        "del y2\n"
+        "freed = fastlayers.empty_cache()\n"
+        "print(c, int(reused), freed, fastlayers._C.cached_bytes())\n"
+    )
+    out = {}
+    for limit in ("256", "0", "8"):
+        env = dict(os.environ, FASTLAYERS_CACHE_MB=limit)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[limit] = [int(v) for v in r.stdout.split()]
+    block = 14 * 2 ** 20  # 12.25 MiB rounded up to whole 2 MiB pages
+    assert out["256"] == [block, 1, block, 0]
+    for limit in ("0", "8"):  # off, and a block larger than the limit: freed, not cached
+        c, _, freed, left = out[limit]
+        assert c == 0 and freed == 0 and left == 0, (limit, out[limit])

@@ -2,7 +2,8 @@
 // and advised for transparent huge pages (MADV_HUGEPAGE), as torch itself does
 // when THP_MEM_ALLOC_ENABLE=1: a fresh 50 MB output then takes ~25 page faults
 // instead of ~12,000, which on this VM is ~20 ms of a 45 ms BatchNorm.
-// Smaller blocks come from torch's CPU allocator. FASTLAYERS_THP=0 turns the
+// Freed huge blocks are cached for reuse (bounded; see alloc.cpp). Smaller
+// blocks come from torch's CPU allocator. FASTLAYERS_THP=0 turns the
 // huge-page path off (read once).
 #pragma once
 #include <ATen/ATen.h>
@@ -14,5 +15,10 @@ at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
 // Like at::empty_like(t, t.options().memory_format(fmt)).
 at::Tensor empty_like(const at::Tensor& t, at::MemoryFormat fmt);
+
+// Frees the cached blocks; returns the bytes freed.
+int64_t empty_cache();
+// Bytes held in the cache now.
+int64_t cached_bytes();
 
 }  // namespace fastlayers::cpu
