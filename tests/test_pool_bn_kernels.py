@@ -384,6 +384,59 @@ def test_bn_deterministic_over_threads():
             assert all(torch.equal(a, b) for a, b in zip(outs[0], o))
 
 
+def test_bn_channel_fused_equals_two_pass():
+    """Few channels per thread take the two-pass path, many the channel-fused
+    one: both must give bitwise the same results (same chunks, same merge
+    order), so the thread count never changes them."""
+    torch.manual_seed(1)
+    old = torch.get_num_threads()
+    try:
+        for shape in [(3, 3, 50, 90), (2, 3, 9000), (5, 3, 7, 7)]:
+            x = torch.randn(shape) * 2 + 5
+            go = torch.randn(shape)
+            w, b = torch.rand(3) + 0.5, torch.randn(3)
+            outs = []
+            for nt in (1, 2):  # C=3: fused with 1 thread, two-pass with 2
+                torch.set_num_threads(nt)
+                y, sm, si = ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5)
+                g = ops.batch_norm_backward(go, x, w, sm, si, True, [True, True, True])
+                g2 = ops.batch_norm_backward(go, x, w, sm, si, True, [False, True, True])
+                outs.append((y, sm, si) + tuple(g) + tuple(g2[1:]))
+            for a, c in zip(*outs):
+                assert torch.equal(a, c)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 257, 263), (4, 64, 64, 64)], ids=str)
+def test_bn_streaming_stores(isa, shape):
+    """Outputs >= 4 MiB are written with streaming stores (whole cache lines,
+    plain stores at unaligned chunk edges): against float64 torch."""
+    torch.manual_seed(2)
+    x = torch.randn(shape) * 3 + 1
+    go = torch.randn(shape)
+    C = shape[1]
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y, sm, si = ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5)
+    xr = x.double().requires_grad_()
+    wr, br = w.double().requires_grad_(), b.double().requires_grad_()
+    ry = F.batch_norm(xr, None, None, wr, br, True, 0.1, 1e-5)
+    ry.backward(go.double())
+    torch.testing.assert_close(y.double(), ry, rtol=1e-4, atol=1e-4)
+    gi, gw, gb = ops.batch_norm_backward(go, x, w, sm, si, True, [True, True, True])
+    torch.testing.assert_close(gi.double(), xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw.double(), wr.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gb.double(), br.grad, rtol=1e-4, atol=1e-3)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    ye = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5)
+    ref = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False)
+    torch.testing.assert_close(ye.double(), ref, rtol=1e-5, atol=1e-5)
+    gie, _, _ = ops.batch_norm_backward(go, x, w, rm, 1 / torch.sqrt(rv + 1e-5), False,
+                                         [True, False, False])
+    torch.testing.assert_close(gie, go * (w / torch.sqrt(rv + 1e-5)).view(1, C, 1, 1),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_bn_errors():
     x = torch.randn(4, 3, 5)
     with pytest.raises(RuntimeError) as ref:

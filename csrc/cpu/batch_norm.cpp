@@ -5,8 +5,8 @@
 // of L values, cut into chunks of kSegChunk); channels-last data and L == 1
 // (e.g. (N, C)) is "rows" (rows of C channels, cut into blocks of rows).
 //
-// train forward:  pass 1 per chunk/block (mean, M2) around a shift (two
-//                 in-cache sweeps), merged per channel in a fixed order
+// train forward:  pass 1 per chunk/block (mean, M2) around a shift (one
+//                 sweep), merged per channel in a fixed order
 //                 (Chan et al.) -> mean, biased var; pass 2 one fused
 //                 y = (x - mean) * (invstd * w) + b. The mean is split into
 //                 two T's (hi + lo) so x - mean stays exact-ish when the mean
@@ -20,13 +20,29 @@
 //                 grad_weight = invstd sum dy (x - mean), grad_bias = sum dy.
 // Every reduction is per chunk/block in fixed order then merged in a fixed
 // order: results do not depend on the thread count. No atomics.
+//
+// Memory traffic (the layer is memory bound):
+// - channel-fused (seg layout, C >= 2 threads): one thread does a whole
+//   channel, its reduction then at once its elementwise pass, while the
+//   channel's data (N * L values; 128 KB to 1.5 MB in common nets) is still
+//   in cache: x (and dy) come from DRAM once. The chunks and the merge order
+//   are those of the two-pass path, so both give bitwise the same results.
+// - two-pass (few channels, rows layout): the second pass walks each
+//   thread's items backwards (kReverse), starting on the data the reduction
+//   pass touched last, still in cache when the tensor is larger than it.
+// - outputs of kStreamBytes or more are written with non-temporal stores:
+//   no read-for-ownership, and they do not evict the inputs from the cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "batch_norm_kernels.h"
 #include "alloc.h"
@@ -35,6 +51,7 @@
 
 // The "scalar" (baseline x86-64) build of the loops.
 #define FL_BN_SIMD_IMPL bn_scalar
+#define FL_BN_VBYTES 16
 #include "batch_norm_simd.h"
 
 namespace fastlayers {
@@ -50,6 +67,15 @@ namespace {
 constexpr int64_t kSegChunk = 4096;   // values per seg work item
 constexpr int64_t kRowsValues = 16384;  // values per rows block (at most kMaxRows rows)
 constexpr int64_t kMaxRows = 256;
+constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs this big: streaming stores
+
+// Orders this thread's streaming stores before what follows (the end of the
+// parallel region).
+void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 struct Tables {
   cpu::BnKernels<float> f;
@@ -95,6 +121,30 @@ struct Layout {
   int64_t seg_off(int64_t i) const { return (i / nch) * L + (i % nch) * kSegChunk; }
   int64_t seg_len(int64_t i) const { return std::min(kSegChunk, L - (i % nch) * kSegChunk); }
   int64_t blk_rows(int64_t b) const { return std::min(rb, M - b * rb); }
+  int64_t seg_item(int64_t n, int64_t c, int64_t j) const { return (n * C + c) * nch + j; }
+  // seg layout with enough channels for every thread: channel-fused passes
+  bool fused() const { return !rows && C >= 2 * static_cast<int64_t>(at::get_num_threads()); }
+};
+
+// Block moments merged in order (Chan et al.): count, mean, M2.
+struct Moments {
+  double cnt = 0, mu = 0, q = 0;
+  void add(double n, double bm, double bq) {
+    if (cnt == 0) { cnt = n; mu = bm; q = bq; return; }
+    const double tot = cnt + n, d = bm - mu;
+    mu += d * (n / tot);
+    q += bq + d * d * (cnt * n / tot);
+    cnt = tot;
+  }
+};
+
+// Per channel affine coefficients in T: y = ((x - mh) - ml) * a + b.
+template <typename T>
+struct Affine {
+  T mh, ml, a, b;
+  Affine(double mean, double ad, double bd)
+      : mh(static_cast<T>(mean)), ml(static_cast<T>(mean - static_cast<double>(mh))),
+        a(static_cast<T>(ad)), b(static_cast<T>(bd)) {}
 };
 
 Layout make_layout(const at::Tensor& input) {
@@ -147,24 +197,59 @@ void affine_pass(const Layout& g, const std::vector<double>& mean, const std::ve
   const auto& k = kernels<T>();
   std::vector<T> mh(g.C), ml(g.C), ta(g.C), tb(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
-    mh[c] = static_cast<T>(mean[c]);
-    ml[c] = static_cast<T>(mean[c] - static_cast<double>(mh[c]));
-    ta[c] = static_cast<T>(a[c]);
-    tb[c] = static_cast<T>(b[c]);
+    const Affine<T> f(mean[c], a[c], b[c]);
+    mh[c] = f.mh;
+    ml[c] = f.ml;
+    ta[c] = f.a;
+    tb[c] = f.b;
   }
   const T* x = g.x.const_data_ptr<T>();
   T* y = out.mutable_data_ptr<T>();
+  const bool nt = static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
   at::parallel_for(0, g.items(), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i = i1 - 1; i >= i0; --i) {  // backwards: see kReverse
       if (g.rows) {
         const int64_t o = i * g.rb * g.C;
         k.rows_affine(x + o, g.blk_rows(i), g.C, mh.data(), ml.data(), ta.data(), tb.data(), y + o);
       } else {
         const int64_t c = g.seg_c(i), o = g.seg_off(i);
-        k.seg_affine(x + o, g.seg_len(i), mh[c], ml[c], ta[c], tb[c], y + o);
+        k.seg_affine(x + o, g.seg_len(i), mh[c], ml[c], ta[c], tb[c], y + o, nt);
       }
     }
+    store_fence();
   });
+}
+
+// A channel's chunks are strided runs (N * nch of them): the hardware
+// prefetcher misses the start of each, short runs (e.g. 14x14) entirely, so
+// a reduction over a channel prefetches the start of the chunk kAhead later.
+constexpr int64_t kAhead = 4;
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <typename T>
+void prefetch_chunk(const Layout& g, const T* p, int64_t c, int64_t s) {
+  if (s >= g.N * g.nch) return;
+  const int64_t i = g.seg_item(s / g.nch, c, s % g.nch);
+  const char* q = reinterpret_cast<const char*>(p + g.seg_off(i));
+  const int64_t bytes = std::min<int64_t>(g.seg_len(i) * sizeof(T), kPrefetchBytes);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b);
+}
+
+// Seg layout, channel c: moments of its chunks merged in (n, chunk) order.
+template <typename T>
+void seg_channel_stats(const Layout& g, const cpu::BnKernels<T>& k, const T* x, int64_t c,
+                       double* mean, double* m2) {
+  Moments mo;
+  for (int64_t s = 0; s < kAhead; ++s) prefetch_chunk(g, x, c, s);
+  for (int64_t s = 0; s < g.N * g.nch; ++s) {  // s = n * nch + j
+    prefetch_chunk(g, x, c, s + kAhead);
+    const int64_t i = g.seg_item(s / g.nch, c, s % g.nch);
+    double bm, bq;
+    k.seg_stats(x + g.seg_off(i), g.seg_len(i), &bm, &bq);
+    mo.add(static_cast<double>(g.seg_len(i)), bm, bq);
+  }
+  *mean = mo.mu;
+  *m2 = mo.q;
 }
 
 // Per channel mean and M2 over the whole batch.
@@ -190,26 +275,19 @@ void batch_stats(const Layout& g, std::vector<double>& mean, std::vector<double>
   m2.assign(g.C, 0.0);
   at::parallel_for(0, g.C, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      double cnt = 0, mu = 0, q = 0;
-      auto add = [&](double n, double bm, double bq) {
-        if (cnt == 0) { cnt = n; mu = bm; q = bq; return; }
-        const double tot = cnt + n, d = bm - mu;
-        mu += d * (n / tot);
-        q += bq + d * d * (cnt * n / tot);
-        cnt = tot;
-      };
+      Moments mo;  // the order of seg_channel_stats
       if (g.rows) {
         for (int64_t b = 0; b < g.nb; ++b)
-          add(static_cast<double>(g.blk_rows(b)), pm[b * g.C + c], pq[b * g.C + c]);
+          mo.add(static_cast<double>(g.blk_rows(b)), pm[b * g.C + c], pq[b * g.C + c]);
       } else {
         for (int64_t n = 0; n < g.N; ++n)
           for (int64_t j = 0; j < g.nch; ++j) {
-            const int64_t i = (n * g.C + c) * g.nch + j;
-            add(static_cast<double>(g.seg_len(i)), pm[i], pq[i]);
+            const int64_t i = g.seg_item(n, c, j);
+            mo.add(static_cast<double>(g.seg_len(i)), pm[i], pq[i]);
           }
       }
-      mean[c] = mu;
-      m2[c] = q;
+      mean[c] = mo.mu;
+      m2[c] = mo.q;
     }
   });
 }
@@ -234,16 +312,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
   if (g.M == 0 || C == 0) return {out, save_mean, save_invstd};  // nothing to normalise
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_batch_norm_train", [&] {
-    std::vector<double> mean, m2;
-    batch_stats<scalar_t>(g, mean, m2);
-    const auto w = to_double<scalar_t>(weight, C, 1.0), b = to_double<scalar_t>(bias, C, 0.0);
-    std::vector<double> invstd(C), a(C);
+    using T = scalar_t;
+    const auto w = to_double<T>(weight, C, 1.0), b = to_double<T>(bias, C, 0.0);
+    std::vector<double> mean(C), m2(C), invstd(C), a(C);
     const double M = static_cast<double>(g.M);
-    for (int64_t c = 0; c < C; ++c) {
+    auto coef = [&](int64_t c) {
       invstd[c] = 1.0 / std::sqrt(m2[c] / M + eps);
       a[c] = invstd[c] * w[c];
+    };
+    if (g.fused()) {
+      const auto& k = kernels<T>();
+      const T* x = g.x.const_data_ptr<T>();
+      T* y = out.mutable_data_ptr<T>();
+      const bool nt = static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          seg_channel_stats<T>(g, k, x, c, &mean[c], &m2[c]);
+          coef(c);
+          const Affine<T> f(mean[c], a[c], b[c]);
+          for (int64_t n = g.N - 1; n >= 0; --n)  // backwards: latest in cache first
+            for (int64_t j = g.nch - 1; j >= 0; --j) {
+              const int64_t o = g.seg_off(g.seg_item(n, c, j));
+              k.seg_affine(x + o, g.seg_len(g.seg_item(n, c, j)), f.mh, f.ml, f.a, f.b, y + o, nt);
+            }
+        }
+        store_fence();
+      });
+    } else {
+      batch_stats<T>(g, mean, m2);
+      for (int64_t c = 0; c < C; ++c) coef(c);
+      affine_pass<T>(g, mean, a, b, out);
     }
-    affine_pass<scalar_t>(g, mean, a, b, out);
     scalar_t* sm = save_mean.mutable_data_ptr<scalar_t>();
     scalar_t* si = save_invstd.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
@@ -325,41 +424,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     std::vector<T> tm(C);
     for (int64_t c = 0; c < C; ++c) tm[c] = static_cast<T>(mean[c]);
 
-    // Reduction pass: per channel sum dy and sum dy * (x - mean).
+    // Per channel sum dy and sum dy * (x - mean), and the coefficients of
+    // dx = ((dy - k) - (x - mean) * b) * a.
     std::vector<double> sdy(C, 0.0), sdyx(C, 0.0);
-    if ((mask[0] && training) || mask[1] || mask[2]) {
-      const int64_t items = g.items(), per = g.rows ? C : 1;
-      std::vector<double> p1(items * per), p2(items * per);
-      at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<T> scratch(g.rows ? 2 * C : 0);
-        for (int64_t i = i0; i < i1; ++i) {
-          if (g.rows) {
-            const int64_t o = i * g.rb * C;
-            k.rows_bwd_reduce(dy + o, x + o, g.blk_rows(i), C, tm.data(), &p1[i * C], &p2[i * C],
-                              scratch.data());
-          } else {
-            const int64_t o = g.seg_off(i);
-            k.seg_bwd_reduce(dy + o, x + o, g.seg_len(i), tm[g.seg_c(i)], &p1[i], &p2[i]);
-          }
-        }
-      });
-      at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    std::vector<T> ta(C), tb(C, T(0)), tk(C, T(0));
+    const double M = static_cast<double>(g.M);
+    auto coef = [&](int64_t c) {
+      ta[c] = static_cast<T>(w[c] * invstd[c]);
+      if (training) {
+        tb[c] = static_cast<T>(invstd[c] * invstd[c] * (sdyx[c] / M));
+        tk[c] = static_cast<T>(sdy[c] / M);
+      }
+    };
+    // seg channel c: the sums of its chunks in (n, chunk) order
+    auto seg_channel_reduce = [&](int64_t c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t s = 0; s < kAhead; ++s) {
+        prefetch_chunk(g, dy, c, s);
+        prefetch_chunk(g, x, c, s);
+      }
+      for (int64_t s = 0; s < g.N * g.nch; ++s) {  // s = n * nch + j
+        prefetch_chunk(g, dy, c, s + kAhead);
+        prefetch_chunk(g, x, c, s + kAhead);
+        const int64_t i = g.seg_item(s / g.nch, c, s % g.nch), o = g.seg_off(i);
+        double p1, p2;
+        k.seg_bwd_reduce(dy + o, x + o, g.seg_len(i), tm[c], &p1, &p2);
+        s1 += p1;
+        s2 += p2;
+      }
+      sdy[c] = s1;
+      sdyx[c] = s2;
+    };
+    const bool reduce = (mask[0] && training) || mask[1] || mask[2];
+    const T* xin = training ? x : nullptr;
+    T* dx = mask[0] ? gi.mutable_data_ptr<T>() : nullptr;
+    const bool nt = mask[0] && static_cast<int64_t>(gi.nbytes()) >= kStreamBytes;
+
+    if (g.fused() && reduce && mask[0]) {
+      // Channel-fused: reduce channel c, then its dx while it is in cache.
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          double s1 = 0, s2 = 0;
-          if (g.rows) {
-            for (int64_t b = 0; b < g.nb; ++b) { s1 += p1[b * C + c]; s2 += p2[b * C + c]; }
-          } else {
-            for (int64_t n = 0; n < g.N; ++n)
-              for (int64_t j = 0; j < g.nch; ++j) {
-                const int64_t i = (n * C + c) * g.nch + j;
-                s1 += p1[i];
-                s2 += p2[i];
-              }
-          }
-          sdy[c] = s1;
-          sdyx[c] = s2;
+          seg_channel_reduce(c);
+          coef(c);
+          for (int64_t n = g.N - 1; n >= 0; --n)  // backwards: latest in cache first
+            for (int64_t j = g.nch - 1; j >= 0; --j) {
+              const int64_t i = g.seg_item(n, c, j), o = g.seg_off(i);
+              k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.seg_len(i), tm[c], ta[c], tb[c],
+                              tk[c], dx + o, nt);
+            }
         }
+        store_fence();
       });
+    } else {
+      if (reduce && g.fused()) {
+        at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) seg_channel_reduce(c);
+        });
+      } else if (reduce) {
+        // Reduction pass over the work items, then per channel in order.
+        const int64_t items = g.items(), per = g.rows ? C : 1;
+        std::vector<double> p1(items * per), p2(items * per);
+        at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+          std::vector<T> scratch(g.rows ? 2 * C : 0);
+          for (int64_t i = i0; i < i1; ++i) {
+            if (g.rows) {
+              const int64_t o = i * g.rb * C;
+              k.rows_bwd_reduce(dy + o, x + o, g.blk_rows(i), C, tm.data(), &p1[i * C],
+                                &p2[i * C], scratch.data());
+            } else {
+              const int64_t o = g.seg_off(i);
+              k.seg_bwd_reduce(dy + o, x + o, g.seg_len(i), tm[g.seg_c(i)], &p1[i], &p2[i]);
+            }
+          }
+        });
+        at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            double s1 = 0, s2 = 0;  // the order of seg_channel_reduce
+            if (g.rows) {
+              for (int64_t b = 0; b < g.nb; ++b) { s1 += p1[b * C + c]; s2 += p2[b * C + c]; }
+            } else {
+              for (int64_t n = 0; n < g.N; ++n)
+                for (int64_t j = 0; j < g.nch; ++j) {
+                  const int64_t i = g.seg_item(n, c, j);
+                  s1 += p1[i];
+                  s2 += p2[i];
+                }
+            }
+            sdy[c] = s1;
+            sdyx[c] = s2;
+          }
+        });
+      }
+      if (mask[0]) {
+        for (int64_t c = 0; c < C; ++c) coef(c);
+        at::parallel_for(0, g.items(), 1, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i1 - 1; i >= i0; --i) {  // backwards: see kReverse
+            if (g.rows) {
+              const int64_t o = i * g.rb * C;
+              k.rows_bwd_apply(dy + o, xin ? xin + o : nullptr, g.blk_rows(i), C, tm.data(),
+                               ta.data(), tb.data(), tk.data(), dx + o);
+            } else {
+              const int64_t c = g.seg_c(i), o = g.seg_off(i);
+              k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.seg_len(i), tm[c], ta[c], tb[c],
+                              tk[c], dx + o, nt);
+            }
+          }
+          store_fence();
+        });
+      }
     }
     if (mask[1]) {
       T* p = gw.mutable_data_ptr<T>();
@@ -369,34 +541,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       T* p = gb.mutable_data_ptr<T>();
       for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(sdy[c]);
     }
-    if (!mask[0]) return;
-
-    // Elementwise pass: dx = ((dy - k) - (x - mean) * b) * a.
-    std::vector<T> ta(C), tb(C, T(0)), tk(C, T(0));
-    const double M = static_cast<double>(g.M);
-    for (int64_t c = 0; c < C; ++c) {
-      const double a = w[c] * invstd[c];
-      ta[c] = static_cast<T>(a);
-      if (training) {
-        tb[c] = static_cast<T>(invstd[c] * invstd[c] * (sdyx[c] / M));
-        tk[c] = static_cast<T>(sdy[c] / M);
-      }
-    }
-    const T* xin = training ? x : nullptr;
-    T* dx = gi.mutable_data_ptr<T>();
-    at::parallel_for(0, g.items(), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        if (g.rows) {
-          const int64_t o = i * g.rb * C;
-          k.rows_bwd_apply(dy + o, xin ? xin + o : nullptr, g.blk_rows(i), C, tm.data(), ta.data(),
-                           tb.data(), tk.data(), dx + o);
-        } else {
-          const int64_t c = g.seg_c(i), o = g.seg_off(i);
-          k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.seg_len(i), tm[c], ta[c], tb[c], tk[c],
-                          dx + o);
-        }
-      }
-    });
   });
   return {gi, gw, gb};
 }

@@ -1,5 +1,8 @@
 // BatchNorm loops compiled for AVX2 (see batch_norm_simd.h).
+#include <immintrin.h>
+
 #include <cstdint>
+#include <cstring>
 
 #include "batch_norm_kernels.h"
 
@@ -7,6 +10,7 @@
 #pragma GCC target("avx2,fma")
 
 #define FL_BN_SIMD_IMPL bn_avx2
+#define FL_BN_VBYTES 32
 #include "batch_norm_simd.h"
 
 namespace fastlayers::cpu {

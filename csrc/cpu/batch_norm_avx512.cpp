@@ -1,5 +1,8 @@
 // BatchNorm loops compiled for AVX512 (see batch_norm_simd.h).
+#include <immintrin.h>
+
 #include <cstdint>
+#include <cstring>
 
 #include "batch_norm_kernels.h"
 
@@ -9,6 +12,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 
 #define FL_BN_SIMD_IMPL bn_avx512
+#define FL_BN_VBYTES 64
 #include "batch_norm_simd.h"
 
 namespace fastlayers::cpu {
