@@ -93,48 +93,66 @@ inline __m256i tail_mask(int64_t n) {  // lanes [0, n) set, 1 <= n <= 8
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), idx);
 }
 
-// One block of NV vectors of output row oh starting at column ow0; the last
-// vector keeps `last` lanes.
-template <int NV>
+// One block of NR output rows oh .. oh+NR-1 x NV vectors from column ow0 (NR
+// rows give short rows enough independent accumulators to hide the FMA
+// latency); the last vector of each row keeps `last` lanes.
+template <int NV, int NR>
 inline void corr_block(const PlaneConv& g, const float* buf, const float* f, int64_t oh,
                        int64_t ow0, int64_t last, bool accumulate, float init, float* out) {
-  __m256 acc[NV];
-  for (int v = 0; v < NV; ++v) {
-    if (!accumulate) acc[v] = _mm256_set1_ps(init);
-    else if (v < NV - 1 || last == 8) acc[v] = _mm256_loadu_ps(out + 8 * v);
-    else acc[v] = _mm256_maskload_ps(out + 8 * v, tail_mask(last));
-  }
+  __m256 acc[NR][NV];
+  const __m256i m = tail_mask(last);
+  for (int h = 0; h < NR; ++h)
+    for (int v = 0; v < NV; ++v) {
+      const float* o = out + h * g.Q + 8 * v;
+      if (!accumulate) acc[h][v] = _mm256_set1_ps(init);
+      else if (v < NV - 1 || last == 8) acc[h][v] = _mm256_loadu_ps(o);
+      else acc[h][v] = _mm256_maskload_ps(o, m);
+    }
   for (int64_t r = 0; r < g.R; ++r) {
     const float* row = buf + (oh * g.sH + r * g.dH) * g.bcols + ow0;
     for (int64_t q = 0; q < g.S; ++q) {
       const __m256 wv = _mm256_set1_ps(f[r * g.S + q]);
       const float* p = row + q * g.dW;
-      for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p + 8 * v), acc[v]);
+      for (int h = 0; h < NR; ++h)
+        for (int v = 0; v < NV; ++v)
+          acc[h][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p + h * g.sH * g.bcols + 8 * v), acc[h][v]);
     }
   }
-  for (int v = 0; v < NV - 1; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
-  if (last == 8) _mm256_storeu_ps(out + 8 * (NV - 1), acc[NV - 1]);
-  else _mm256_maskstore_ps(out + 8 * (NV - 1), tail_mask(last), acc[NV - 1]);
+  for (int h = 0; h < NR; ++h) {
+    float* o = out + h * g.Q;
+    for (int v = 0; v < NV - 1; ++v) _mm256_storeu_ps(o + 8 * v, acc[h][v]);
+    if (last == 8) _mm256_storeu_ps(o + 8 * (NV - 1), acc[h][NV - 1]);
+    else _mm256_maskstore_ps(o + 8 * (NV - 1), m, acc[h][NV - 1]);
+  }
+}
+
+// Rows of one column block: groups of NR rows, then single rows.
+template <int NV, int NR>
+inline void corr_rows(const PlaneConv& g, const float* buf, const float* f, int64_t ow0,
+                      int64_t last, bool accumulate, float init, float* out) {
+  int64_t oh = 0;
+  if constexpr (NR > 1) {
+    for (; oh + NR <= g.P; oh += NR)
+      corr_block<NV, NR>(g, buf, f, oh, ow0, last, accumulate, init, out + oh * g.Q + ow0);
+  }
+  for (; oh < g.P; ++oh)
+    corr_block<NV, 1>(g, buf, f, oh, ow0, last, accumulate, init, out + oh * g.Q + ow0);
 }
 
 // out [P, Q] = init + correlation (or out += correlation when accumulate).
 void corr_plane_avx2(const PlaneConv& g, const float* buf, const float* f, bool accumulate,
                      float init, float* out) {
-  for (int64_t oh = 0; oh < g.P; ++oh) {
-    float* orow = out + oh * g.Q;
-    for (int64_t ow0 = 0; ow0 < g.Q; ow0 += 64) {
-      const int64_t n = std::min<int64_t>(64, g.Q - ow0), nv = (n + 7) / 8, last = n - 8 * (nv - 1);
-      float* o = orow + ow0;
-      switch (nv) {
-        case 1: corr_block<1>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-        case 2: corr_block<2>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-        case 3: corr_block<3>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-        case 4: corr_block<4>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-        case 5: corr_block<5>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-        case 6: corr_block<6>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-        case 7: corr_block<7>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-        default: corr_block<8>(g, buf, f, oh, ow0, last, accumulate, init, o); break;
-      }
+  for (int64_t ow0 = 0; ow0 < g.Q; ow0 += 64) {
+    const int64_t n = std::min<int64_t>(64, g.Q - ow0), nv = (n + 7) / 8, last = n - 8 * (nv - 1);
+    switch (nv) {
+      case 1: corr_rows<1, 8>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 2: corr_rows<2, 6>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 3: corr_rows<3, 4>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 4: corr_rows<4, 3>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 5: corr_rows<5, 2>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 6: corr_rows<6, 2>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 7: corr_rows<7, 1>(g, buf, f, ow0, last, accumulate, init, out); break;
+      default: corr_rows<8, 1>(g, buf, f, ow0, last, accumulate, init, out); break;
     }
   }
 }

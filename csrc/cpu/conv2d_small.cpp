@@ -31,13 +31,20 @@ int64_t rnd8(int64_t v) { return (v + 7) / 8 * 8; }
 struct Flat {
   int64_t Wp, T, L;  // pitch, computed outputs (multiple of 8), padded plane length
   std::vector<int64_t> d;  // tap shifts, r*S + q
+  // grad_input taps j = (r*S + q)*Cg + c: weight offset c*RS + r*S + q and
+  // padded-plane offset c*L + d[r*S + q] (tables: no divisions in the loops).
+  std::vector<int64_t> gi_w, gi_x;
   explicit Flat(const ConvShape& s) {
     Wp = s.W + 2 * s.pW;
-    T = rnd8(s.P * Wp);
+    T = rnd8((s.P - 1) * Wp + s.Q);  // through the last valid output
     L = T + (s.R - 1) * s.dH * Wp + (s.S - 1) * s.dW;
     d.resize(s.RS());
     for (int64_t r = 0; r < s.R; ++r)
       for (int64_t q = 0; q < s.S; ++q) d[r * s.S + q] = r * s.dH * Wp + q * s.dW;
+    for (int64_t j = 0; j < s.CgRS(); ++j) {
+      gi_w.push_back((j % s.Cg) * s.RS() + j / s.Cg);
+      gi_x.push_back((j % s.Cg) * L + d[j / s.Cg]);
+    }
   }
 };
 
@@ -114,12 +121,14 @@ void wgt_block(const ConvShape& s, const Flat& f, const float* xb, const float* 
     for (int v = 0; v < TB; ++v) dw[(k0 + i) * s.CgRS() + c * s.RS() + j0 + v] += hsum8(acc[i][v]);
 }
 
-// grad_input block: taps j0 .. j0+KB-1 (flattened c*RS + r*S + q) x TB vectors
-// of t from t0: sums over k, then adds into the padded dx planes (dxb).
+// grad_input block: taps j0 .. j0+KB-1 x TB vectors of t from t0: sums over
+// k, then adds into the padded dx planes (dxb). Taps are numbered (r*S + q)*Cg
+// + c, so a block's taps add into different planes: adding shifted vectors of
+// one plane back to back would overlap the stores just made and stall.
 template <int KB, int TB>
 void gin_block(const ConvShape& s, const Flat& f, const float* dyb, const float* w, int64_t j0,
                int64_t t0, float* dxb) {
-  const int64_t CgRS = s.CgRS(), RS = s.RS();
+  const int64_t CgRS = s.CgRS();
   __m256 acc[KB][TB];
   for (int i = 0; i < KB; ++i)
     for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_setzero_ps();
@@ -127,15 +136,65 @@ void gin_block(const ConvShape& s, const Flat& f, const float* dyb, const float*
     __m256 dv[TB];
     for (int v = 0; v < TB; ++v) dv[v] = _mm256_loadu_ps(dyb + k * f.T + t0 + 8 * v);
     for (int i = 0; i < KB; ++i) {
-      const __m256 wv = _mm256_set1_ps(w[k * CgRS + j0 + i]);
+      const __m256 wv = _mm256_set1_ps(w[k * CgRS + f.gi_w[j0 + i]]);
       for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(wv, dv[v], acc[i][v]);
     }
   }
   for (int i = 0; i < KB; ++i) {
-    const int64_t j = j0 + i, c = j / RS;
-    float* p = dxb + c * f.L + f.d[j % RS] + t0;
+    float* p = dxb + f.gi_x[j0 + i] + t0;
     for (int v = 0; v < TB; ++v)
       _mm256_storeu_ps(p + 8 * v, _mm256_add_ps(_mm256_loadu_ps(p + 8 * v), acc[i][v]));
+  }
+}
+
+// Forward with output channels in the vector lanes (Kg = 8 or 16: no lanes
+// wasted on the dropped columns): xt is the padded image channels-last
+// [Hp*Wp][Cg], wt the filters as [r, q, c][Kg]; PB pixels ow0 .. of row oh.
+template <int KV, int PB>
+void fwd_cl_block(const ConvShape& s, const Flat& f, const float* xt, const float* wt,
+                  const float* bias, int64_t oh, int64_t ow0, float* y) {
+  const int64_t Cg = s.Cg, Kg = s.Kg;
+  __m256 acc[PB][KV];
+  for (int v = 0; v < KV; ++v) {
+    const __m256 bv = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
+    for (int p = 0; p < PB; ++p) acc[p][v] = bv;
+  }
+  for (int64_t r = 0; r < s.R; ++r) {
+    for (int64_t q = 0; q < s.S; ++q) {
+      const float* xp = xt + ((oh + r * s.dH) * f.Wp + ow0 + q * s.dW) * Cg;
+      const float* wp = wt + (r * s.S + q) * Cg * Kg;
+      for (int64_t c = 0; c < Cg; ++c) {
+        __m256 wv[KV];
+        for (int v = 0; v < KV; ++v) wv[v] = _mm256_loadu_ps(wp + c * Kg + 8 * v);
+        for (int p = 0; p < PB; ++p) {
+          const __m256 xb = _mm256_set1_ps(xp[p * Cg + c]);
+          for (int v = 0; v < KV; ++v) acc[p][v] = _mm256_fmadd_ps(xb, wv[v], acc[p][v]);
+        }
+      }
+    }
+  }
+  alignas(32) float tmp[PB][KV * 8];
+  for (int p = 0; p < PB; ++p)
+    for (int v = 0; v < KV; ++v) _mm256_store_ps(tmp[p] + 8 * v, acc[p][v]);
+  for (int64_t k = 0; k < Kg; ++k)
+    for (int p = 0; p < PB; ++p) y[k * s.PQ() + oh * s.Q + ow0 + p] = tmp[p][k];
+}
+
+// Row oh in ceil(Q / 6) near-equal pixel blocks (Q = 10: 5 + 5, not 6 + 4).
+template <int KV>
+void fwd_cl_row(const ConvShape& s, const Flat& f, const float* xt, const float* wt,
+                const float* bias, int64_t oh, float* y) {
+  const int64_t nb = (s.Q + 5) / 6;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t ow = i * s.Q / nb, pb = (i + 1) * s.Q / nb - ow;
+    switch (pb) {
+      case 1: fwd_cl_block<KV, 1>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 2: fwd_cl_block<KV, 2>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 3: fwd_cl_block<KV, 3>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 4: fwd_cl_block<KV, 4>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 5: fwd_cl_block<KV, 5>(s, f, xt, wt, bias, oh, ow, y); break;
+      default: fwd_cl_block<KV, 6>(s, f, xt, wt, bias, oh, ow, y); break;
+    }
   }
 }
 
@@ -163,8 +222,24 @@ inline void grid(int64_t ni, int64_t nv, const F& fn) {
   }
 }
 
+bool use_cl_forward(const ConvShape& s) { return s.Kg == 8 || s.Kg == 16; }
+
+// xb: Cg*L floats (flat) or >= Hp*Wp*Cg (channels-last); wt: [r, q, c][Kg].
 void forward_image(const ConvShape& s, const Flat& f, const float* x, const float* w,
-                   const float* b, float* y, float* xb, float* yb) {
+                   const float* wt, const float* b, float* y, float* xb, float* yb) {
+  if (use_cl_forward(s)) {
+    const int64_t Hp = s.H + 2 * s.pH;
+    std::fill(xb, xb + Hp * f.Wp * s.Cg, 0.f);
+    for (int64_t c = 0; c < s.Cg; ++c)
+      for (int64_t h = 0; h < s.H; ++h)
+        for (int64_t wi = 0; wi < s.W; ++wi)
+          xb[((h + s.pH) * f.Wp + wi + s.pW) * s.Cg + c] = x[(c * s.H + h) * s.W + wi];
+    for (int64_t oh = 0; oh < s.P; ++oh) {
+      if (s.Kg == 16) fwd_cl_row<2>(s, f, xb, wt, b, oh, y);
+      else fwd_cl_row<1>(s, f, xb, wt, b, oh, y);
+    }
+    return;
+  }
   for (int64_t c = 0; c < s.Cg; ++c) pad_in(s, f, x + c * s.HW(), xb + c * f.L);
   grid(s.Kg, f.T / 8, [&]<int KB, int TB>(int64_t k0, int64_t v0) {
     fwd_block<KB, TB>(s, f, xb, w + k0 * s.CgRS(), b ? b + k0 : nullptr, 8 * v0, yb + k0 * f.T);
@@ -228,13 +303,21 @@ bool small_conv_ok(const ConvShape& s) {
 void small_forward_nchw(const ConvShape& s, const float* x, const float* w, const float* b,
                         float* y) {
   const Flat f(s);
+  const int64_t RS = s.RS(), CgRS = s.CgRS();
+  std::vector<float> wt(s.G * s.Kg * CgRS);  // per group [r, q, c][Kg]
+  for (int64_t g = 0; g < s.G; ++g)
+    for (int64_t k = 0; k < s.Kg; ++k)
+      for (int64_t c = 0; c < s.Cg; ++c)
+        for (int64_t j = 0; j < RS; ++j)
+          wt[g * s.Kg * CgRS + (j * s.Cg + c) * s.Kg + k] = w[(g * s.Kg + k) * CgRS + c * RS + j];
+  const int64_t xlen = std::max(s.Cg * f.L, (s.H + 2 * s.pH) * f.Wp * s.Cg);
   at::parallel_for(0, s.N * s.G, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> xb(s.Cg * f.L), yb(s.Kg * f.T);
+    std::vector<float> xb(xlen), yb(s.Kg * f.T);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / s.G, g = i % s.G;
-      forward_image(s, f, x + (n * s.C + g * s.Cg) * s.HW(), w + g * s.Kg * s.CgRS(),
-                    b ? b + g * s.Kg : nullptr, y + (n * s.K + g * s.Kg) * s.PQ(), xb.data(),
-                    yb.data());
+      forward_image(s, f, x + (n * s.C + g * s.Cg) * s.HW(), w + g * s.Kg * CgRS,
+                    wt.data() + g * s.Kg * CgRS, b ? b + g * s.Kg : nullptr,
+                    y + (n * s.K + g * s.Kg) * s.PQ(), xb.data(), yb.data());
     }
   });
 }
