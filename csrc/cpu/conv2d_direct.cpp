@@ -157,6 +157,46 @@ void corr_plane_avx2(const PlaneConv& g, const float* buf, const float* f, bool 
   }
 }
 
+// Four filters f + i*RS (i < 4) on one output row: the input loads are shared
+// by the filters (channel multipliers with short rows, e.g. LeNet's conv1).
+template <int NV>
+inline void corr4_block(const PlaneConv& g, const float* buf, const float* f, const float* init,
+                        int64_t oh, int64_t last, int64_t PQ, float* out) {
+  const int64_t RS = g.R * g.S;
+  const __m256i m = tail_mask(last);
+  __m256 acc[4][NV];
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_set1_ps(init[i]);
+  for (int64_t r = 0; r < g.R; ++r) {
+    const float* row = buf + (oh * g.sH + r * g.dH) * g.bcols;
+    for (int64_t q = 0; q < g.S; ++q) {
+      __m256 xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(row + q * g.dW + 8 * v);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 wv = _mm256_set1_ps(f[i * RS + r * g.S + q]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(wv, xv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    float* o = out + i * PQ + oh * g.Q;
+    for (int v = 0; v < NV - 1; ++v) _mm256_storeu_ps(o + 8 * v, acc[i][v]);
+    if (last == 8) _mm256_storeu_ps(o + 8 * (NV - 1), acc[i][NV - 1]);
+    else _mm256_maskstore_ps(o + 8 * (NV - 1), m, acc[i][NV - 1]);
+  }
+}
+
+// Four output planes at once (out + i*PQ); needs Q <= 24.
+void corr4_plane_avx2(const PlaneConv& g, const float* buf, const float* f, const float* init,
+                      int64_t PQ, float* out) {
+  const int64_t nv = (g.Q + 7) / 8, last = g.Q - 8 * (nv - 1);
+  for (int64_t oh = 0; oh < g.P; ++oh) {
+    if (nv == 1) corr4_block<1>(g, buf, f, init, oh, last, PQ, out);
+    else if (nv == 2) corr4_block<2>(g, buf, f, init, oh, last, PQ, out);
+    else corr4_block<3>(g, buf, f, init, oh, last, PQ, out);
+  }
+}
+
 inline float hsum(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -235,7 +275,16 @@ void forward_nchw_avx2(const ConvShape& s, const float* x, const float* w, const
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / s.C, c = i % s.C;
       pad_plane(x + i * s.HW(), s.H, s.W, s.pH, s.pW, buf.data(), brows, bcols);
-      for (int64_t j = 0; j < s.Kg; ++j) {
+      int64_t j = 0;
+      if (s.Q <= 24) {  // short rows: four filters share each input load
+        for (; j + 4 <= s.Kg; j += 4) {
+          const int64_t k = c * s.Kg + j;
+          const float init[4] = {b ? b[k] : 0.f, b ? b[k + 1] : 0.f, b ? b[k + 2] : 0.f,
+                                 b ? b[k + 3] : 0.f};
+          corr4_plane_avx2(g, buf.data(), w + k * s.RS(), init, PQ, y + (n * s.K + k) * PQ);
+        }
+      }
+      for (; j < s.Kg; ++j) {
         const int64_t k = c * s.Kg + j;
         corr_plane_avx2(g, buf.data(), w + k * s.RS(), false, b ? b[k] : 0.f,
                         y + (n * s.K + k) * PQ);

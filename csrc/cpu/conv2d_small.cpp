@@ -61,6 +61,15 @@ void widen_dy(const ConvShape& s, const Flat& f, const float* dy, float* buf) {
   for (int64_t h = 0; h < s.P; ++h) std::copy(dy + h * s.Q, dy + (h + 1) * s.Q, buf + h * f.Wp);
 }
 
+// Image x [Cg, H, W] -> xt [Hp*Wp][Cg], zero-padded channels-last.
+void pad_in_cl(const ConvShape& s, const Flat& f, const float* x, float* xt) {
+  std::fill(xt, xt + (s.H + 2 * s.pH) * f.Wp * s.Cg, 0.f);
+  for (int64_t c = 0; c < s.Cg; ++c)
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t wi = 0; wi < s.W; ++wi)
+        xt[((h + s.pH) * f.Wp + wi + s.pW) * s.Cg + c] = x[(c * s.H + h) * s.W + wi];
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
@@ -228,12 +237,7 @@ bool use_cl_forward(const ConvShape& s) { return s.Kg == 8 || s.Kg == 16; }
 void forward_image(const ConvShape& s, const Flat& f, const float* x, const float* w,
                    const float* wt, const float* b, float* y, float* xb, float* yb) {
   if (use_cl_forward(s)) {
-    const int64_t Hp = s.H + 2 * s.pH;
-    std::fill(xb, xb + Hp * f.Wp * s.Cg, 0.f);
-    for (int64_t c = 0; c < s.Cg; ++c)
-      for (int64_t h = 0; h < s.H; ++h)
-        for (int64_t wi = 0; wi < s.W; ++wi)
-          xb[((h + s.pH) * f.Wp + wi + s.pW) * s.Cg + c] = x[(c * s.H + h) * s.W + wi];
+    pad_in_cl(s, f, x, xb);
     for (int64_t oh = 0; oh < s.P; ++oh) {
       if (s.Kg == 16) fwd_cl_row<2>(s, f, xb, wt, b, oh, y);
       else fwd_cl_row<1>(s, f, xb, wt, b, oh, y);
@@ -289,7 +293,84 @@ void grad_weight_images(const ConvShape& s, const Flat& f, const float* dy, cons
   }
 }
 
+// grad_weight with output channels in the lanes (Kg = 8 or 16, as forward):
+//   dw[k, c, r, q] += sum over images, pixels of dyT[pix][k] * xt[pix + tap][c]
+// for up to 6 channels c of one tap (r, q) at a time; no horizontal sums.
+template <int KV, int CB>
+void wgt_cl_block(const ConvShape& s, const Flat& f, const float* buf, int64_t img, int64_t nb,
+                  int64_t r, int64_t q, int64_t c0, double* dw) {
+  const int64_t Cg = s.Cg, Kg = s.Kg, xlen = (s.H + 2 * s.pH) * f.Wp * Cg;
+  __m256 acc[CB][KV];
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < KV; ++v) acc[c][v] = _mm256_setzero_ps();
+  for (int64_t n = 0; n < nb; ++n) {
+    const float* xt = buf + n * img;
+    const float* dyt = xt + xlen;
+    for (int64_t oh = 0; oh < s.P; ++oh) {
+      const float* xp = xt + ((oh + r * s.dH) * f.Wp + q * s.dW) * Cg + c0;
+      const float* dp = dyt + oh * s.Q * Kg;
+      for (int64_t ow = 0; ow < s.Q; ++ow) {
+        __m256 dv[KV];
+        for (int v = 0; v < KV; ++v) dv[v] = _mm256_loadu_ps(dp + ow * Kg + 8 * v);
+        for (int c = 0; c < CB; ++c) {
+          const __m256 xb = _mm256_set1_ps(xp[ow * Cg + c]);
+          for (int v = 0; v < KV; ++v) acc[c][v] = _mm256_fmadd_ps(xb, dv[v], acc[c][v]);
+        }
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) {
+    alignas(32) float lanes[KV * 8];
+    for (int v = 0; v < KV; ++v) _mm256_store_ps(lanes + 8 * v, acc[c][v]);
+    for (int64_t k = 0; k < Kg; ++k) dw[k * s.CgRS() + (c0 + c) * s.RS() + r * s.S + q] += lanes[k];
+  }
+}
+
+template <int KV>
+void wgt_cl_taps(const ConvShape& s, const Flat& f, const float* buf, int64_t img, int64_t nb,
+                 double* dw) {
+  for (int64_t r = 0; r < s.R; ++r)
+    for (int64_t q = 0; q < s.S; ++q)
+      for (int64_t c0 = 0; c0 < s.Cg; c0 += 6) {
+        switch (std::min<int64_t>(6, s.Cg - c0)) {
+          case 1: wgt_cl_block<KV, 1>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 2: wgt_cl_block<KV, 2>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 3: wgt_cl_block<KV, 3>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 4: wgt_cl_block<KV, 4>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 5: wgt_cl_block<KV, 5>(s, f, buf, img, nb, r, q, c0, dw); break;
+          default: wgt_cl_block<KV, 6>(s, f, buf, img, nb, r, q, c0, dw); break;
+        }
+      }
+}
+
 #pragma GCC pop_options
+
+// Per-image buffer length of grad_weight_images.
+int64_t gw_img_len(const ConvShape& s, const Flat& f) {
+  if (use_cl_forward(s)) return (s.H + 2 * s.pH) * f.Wp * s.Cg + s.PQ() * s.Kg;
+  return s.Cg * f.L + s.Kg * f.T;
+}
+
+void grad_weight_images_cl(const ConvShape& s, const Flat& f, const float* dy, const float* x,
+                           int64_t nb, int64_t g, double* dw, double* db, float* buf) {
+  const int64_t img = gw_img_len(s, f), xlen = (s.H + 2 * s.pH) * f.Wp * s.Cg, PQ = s.PQ();
+  for (int64_t n = 0; n < nb; ++n) {
+    float* xt = buf + n * img;
+    float* dyt = xt + xlen;
+    const float* dyn = dy + (n * s.K + g * s.Kg) * PQ;
+    pad_in_cl(s, f, x + (n * s.C + g * s.Cg) * s.HW(), xt);
+    for (int64_t k = 0; k < s.Kg; ++k) {
+      float t = 0;
+      for (int64_t p = 0; p < PQ; ++p) {
+        dyt[p * s.Kg + k] = dyn[k * PQ + p];
+        t += dyn[k * PQ + p];
+      }
+      if (db) db[k] += t;
+    }
+  }
+  if (s.Kg == 16) wgt_cl_taps<2>(s, f, buf, img, nb, dw);
+  else wgt_cl_taps<1>(s, f, buf, img, nb, dw);
+}
 
 }  // namespace
 
@@ -340,7 +421,7 @@ void small_grad_weight_nchw(const ConvShape& s, const float* dy, const float* x,
   // Fixed image blocks (not per thread); each sums its images kSub at a time.
   constexpr int64_t kSub = 8;
   const int64_t nblk = std::min<int64_t>(s.N, 8), wl = s.Kg * s.CgRS() + s.Kg;
-  const int64_t img = s.Cg * f.L + s.Kg * f.T;
+  const int64_t img = gw_img_len(s, f);
   std::vector<double> part(nblk * s.G * wl, 0.0);  // [block][g][Kg*CgRS | Kg bias]
   at::parallel_for(0, nblk * s.G, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -349,9 +430,9 @@ void small_grad_weight_nchw(const ConvShape& s, const float* dy, const float* x,
       std::vector<float> buf(std::min<int64_t>(kSub, n1 - n0) * img);
       double* acc = part.data() + i * wl;
       for (int64_t n = n0; n < n1; n += kSub) {
-        grad_weight_images(s, f, dy + n * s.K * s.PQ(), x + n * s.C * s.HW(),
-                           std::min(kSub, n1 - n), g, acc, db ? acc + s.Kg * s.CgRS() : nullptr,
-                           buf.data());
+        (use_cl_forward(s) ? grad_weight_images_cl : grad_weight_images)(
+            s, f, dy + n * s.K * s.PQ(), x + n * s.C * s.HW(), std::min(kSub, n1 - n), g, acc,
+            db ? acc + s.Kg * s.CgRS() : nullptr, buf.data());
       }
     }
   });
