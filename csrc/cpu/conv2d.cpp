@@ -1,5 +1,6 @@
 // Conv2d on the CPU: argument checks, layout choice and the im2col + GEMM
-// paths (the Cg == 1 direct kernels live in conv2d_direct.cpp).
+// paths (the Cg == 1 direct kernels live in conv2d_direct.cpp, the flat
+// direct kernels for small stride-1 NCHW float convs in conv2d_small.cpp).
 //
 // Layout: the output (and grad_input) is channels_last iff the input or the
 // weight suggests channels_last, else contiguous NCHW; the kernels run on

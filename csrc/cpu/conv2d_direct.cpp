@@ -17,10 +17,14 @@
 // an in-bounds row and the loops have no edge cases. Output rows are computed
 // in blocks of up to 8 ymm (64 columns) held in registers, each filter tap a
 // broadcast scalar:  acc[v] += w[r, q] * xpad[oh*sH + r*dH][ow0 + 8v + q*dW].
+// Short rows take several rows per block, or (forward, channel multipliers)
+// four filters sharing each input load, to keep enough accumulators busy.
 // grad_input (stride 1) is the same correlation of zero-padded dY with the
 // flipped filter; grad_weight keeps S lane-wise accumulators per filter row
 // and sums them per plane; planes are summed over images in fixed blocks of
 // images (in double), so the result does not depend on the thread count.
+// Otherwise (double, the scalar ISA, sW > 1, grad_input with sH > 1) the plain
+// loops run.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
