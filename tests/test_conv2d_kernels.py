@@ -272,3 +272,64 @@ def test_grad_output_shape_checked():
     with pytest.raises(RuntimeError, match="dtype"):
         ops.conv2d_backward(torch.randn(2, 6, 6, 6, dtype=torch.float64), x, w, [1, 1], [0, 0],
                             [1, 1], 1, [True, True, True])
+
+
+# Shapes for the specialised CPU kernels: AVX2 direct Cg == 1 kernels (wide rows
+# with several 64-column blocks and tails, padding wider than the kernel,
+# dilation, stride in H only, channel multipliers) and the flat small-conv
+# kernels for Cg > 1, stride 1 (LeNet conv2, groups, dilation, 32 output
+# channels, padding beyond the kernel). Each runs on every ISA path.
+SMALL_PATH_CASES = {
+    "dw_wide": (2, 3, 5, 150, 3, 3, 3, (1, 1), (1, 1), (1, 1), 3),
+    "dw_pad_gt_kernel": (2, 2, 6, 9, 2, 1, 3, (1, 1), (2, 3), (1, 1), 2),
+    "dw_dil_strideH": (2, 3, 12, 21, 6, 3, 3, (2, 1), (2, 2), (2, 2), 3),
+    "cin1_k5_wide": (2, 1, 9, 70, 6, 5, 5, (1, 1), (0, 2), (1, 1), 1),
+    "cin1_lenet1_short_rows": (2, 1, 12, 14, 6, 5, 5, (1, 1), (0, 0), (1, 1), 1),
+    "cin1_mult9_q17": (2, 1, 9, 19, 9, 3, 3, (2, 1), (1, 0), (1, 1), 1),
+    "dw_mult4_q8_dil": (2, 2, 11, 10, 8, 3, 2, (1, 1), (1, 1), (2, 1), 2),
+    "dw_5x5_tail": (3, 4, 11, 13, 4, 5, 5, (1, 1), (2, 2), (1, 1), 4),
+    "small_lenet2": (3, 6, 14, 14, 16, 5, 5, (1, 1), (0, 0), (1, 1), 1),
+    "small_groups_dil": (2, 6, 9, 11, 4, 3, 3, (1, 1), (2, 1), (2, 1), 2),
+    "small_k32_pad": (2, 3, 5, 6, 32, 1, 3, (1, 1), (2, 3), (1, 1), 1),
+    "small_wide": (1, 2, 4, 40, 5, 2, 3, (1, 1), (1, 0), (1, 2), 1),
+    "small_k8_dil_pad": (2, 3, 7, 15, 8, 3, 2, (1, 1), (1, 2), (2, 1), 1),
+    "small_k16_groups": (2, 4, 9, 23, 32, 3, 3, (1, 1), (1, 1), (1, 2), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_PATH_CASES))
+def test_small_and_direct_paths(name, isa):
+    for layout, bias in (("contiguous", True), ("contiguous", False), ("channels_last", True)):
+        x, w, b, args = make(SMALL_PATH_CASES[name], torch.float32, layout, bias)
+        y = ops.conv2d_forward(x, w, b, *args)
+        dy = torch.randn_like(y)
+        y_ref, *ref = reference(x, w, b, args, dy)
+        assert_close(y, y_ref, torch.float32, f"output {layout}")
+        got = ops.conv2d_backward(dy, x, w, *args, [True, True, b is not None])
+        for a, r, what in zip(got, ref, ("gi", "gw", "gb")):
+            if what == "gb" and b is None:
+                continue
+            assert_close(a, r, torch.float32, f"{what} {layout}")
+        for m in ([True, False, False], [False, True, False], [False, False, True]):
+            part = ops.conv2d_backward(dy, x, w, *args, m)
+            for on, a, r, what in zip(m, part, ref, ("gi", "gw", "gb")):
+                if on and r is not None:
+                    assert_close(a, r, torch.float32, f"{what} alone {layout}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", ["small_lenet2", "dw_5x5_tail"])
+def test_small_paths_independent_of_thread_count(name, threads):
+    """grad_weight / grad_bias sum fixed image blocks: bitwise the same for any thread count."""
+    x, w, b, args = make(SMALL_PATH_CASES[name], torch.float32, "contiguous", True)
+    dy = torch.randn_like(ops.conv2d_forward(x, w, b, *args))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        base = ops.conv2d_backward(dy, x, w, *args, [True, True, True])
+        torch.set_num_threads(threads)
+        got = ops.conv2d_backward(dy, x, w, *args, [True, True, True])
+    finally:
+        torch.set_num_threads(old)
+    for a, r in zip(got, base):
+        assert torch.equal(a, r)

@@ -1,5 +1,6 @@
 // Conv2d on the CPU: argument checks, layout choice and the im2col + GEMM
-// paths (the Cg == 1 direct kernels live in conv2d_direct.cpp).
+// paths (the Cg == 1 direct kernels live in conv2d_direct.cpp, the flat
+// direct kernels for small stride-1 NCHW float convs in conv2d_small.cpp).
 //
 // Layout: the output (and grad_input) is channels_last iff the input or the
 // weight suggests channels_last, else contiguous NCHW; the kernels run on
@@ -42,6 +43,7 @@
 #include <torch/library.h>
 
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "alloc.h"
@@ -49,6 +51,7 @@
 #include "conv2d.h"
 #include "gemm.h"
 #include "im2col.h"
+#include "isa.h"
 
 namespace fastlayers {
 namespace {
@@ -301,6 +304,36 @@ void grad_bias(const ConvShape& s, bool cl, const T* dy, T* db) {
   }
 }
 
+// Small NCHW float convs with Cg > 1 and stride 1 (LeNet conv2) take the flat
+// direct kernels of conv2d_small.cpp instead of im2col + GEMM.
+bool use_small(const ConvShape& s, bool cl, at::ScalarType t) {
+  return !cl && t == at::kFloat && s.Cg > 1 && cpu::active_isa() != cpu::Isa::Scalar &&
+         cpu::small_conv_ok(s);
+}
+
+// Run the small kernels when `on` (float only); return whether they ran.
+template <typename T>
+bool small_forward(const ConvShape& s, bool on, const T* x, const T* w, const T* b, T* y) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (on) return cpu::small_forward_nchw(s, x, w, b, y), true;
+  }
+  return false;
+}
+template <typename T>
+bool small_grad_input(const ConvShape& s, bool on, const T* dy, const T* w, T* dx) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (on) return cpu::small_grad_input_nchw(s, dy, w, dx), true;
+  }
+  return false;
+}
+template <typename T>
+bool small_grad_weight(const ConvShape& s, bool on, const T* dy, const T* x, T* dw, T* db) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (on) return cpu::small_grad_weight_nchw(s, dy, x, dw, db), true;
+  }
+  return false;
+}
+
 // ----------------------------------------------------------------- checks
 
 std::array<int64_t, 2> pair_arg(at::IntArrayRef v, const char* op, const char* name) {
@@ -396,7 +429,7 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
     if (s.Cg == 1) {
       if (cl) cpu::direct_forward_nhwc(s, xp, wp, bp, yp);
       else cpu::direct_forward_nchw(s, xp, wp, bp, yp);
-    } else {
+    } else if (!small_forward(s, use_small(s, cl, input.scalar_type()), xp, wp, bp, yp)) {
       forward_gemm(s, cl, xp, wp, bp, yp);
     }
   });
@@ -417,6 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const bool cl = use_channels_last(input, weight);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool direct = s.Cg == 1;
+  const bool small = use_small(s, cl, input.scalar_type());
   const bool work = s.N > 0 && s.P > 0 && s.Q > 0;
   at::Tensor gi = no_grad_placeholder(input), gw = no_grad_placeholder(input),
              gb = no_grad_placeholder(input);  // distinct: outputs must not alias
@@ -425,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
 
   if (mask[0]) {
     const auto opts = input.options().memory_format(fmt);
-    const bool overwrite = work && (direct || s.pointwise()) && s.C > 0;
+    const bool overwrite = work && (direct || small || s.pointwise()) && s.C > 0;
     // (at::zeros would drop the memory format.)
     gi = cpu::empty({s.N, s.C, s.H, s.W}, opts);
     if (!overwrite) gi.zero_();
@@ -438,12 +472,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         if (direct) {
           if (cl) cpu::direct_grad_input_nhwc(s, dyp, wp, dxp);
           else cpu::direct_grad_input_nchw(s, dyp, wp, dxp);
-        } else {
+        } else if (!small_grad_input(s, small, dyp, wp, dxp)) {
           grad_input_gemm(s, cl, dyp, wp, dxp);
         }
       });
     }
   }
+
+  // The NCHW direct grad_weight kernel may produce the bias gradient in the
+  // same pass over dY (bias_done then says so).
+  bool bias_done = false;
+  if (mask[2]) gb = at::zeros({s.K}, weight.options());
 
   if (mask[1]) {
     // Same strides as weight when it is dense, else its suggested memory format.
@@ -462,7 +501,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         scalar_t* dwp = buf.mutable_data_ptr<scalar_t>();
         if (direct) {
           if (cl) cpu::direct_grad_weight_nhwc(s, dyp, xp, dwp);
-          else cpu::direct_grad_weight_nchw(s, dyp, xp, dwp);
+          else
+            bias_done = cpu::direct_grad_weight_nchw(
+                s, dyp, xp, dwp, mask[2] ? gb.mutable_data_ptr<scalar_t>() : nullptr);
+        } else if (small_grad_weight(s, small, dyp, xp, dwp,
+                                     mask[2] ? gb.mutable_data_ptr<scalar_t>() : nullptr)) {
+          bias_done = mask[2];
         } else {
           grad_weight_gemm(s, cl, dyp, xp, dwp);
         }
@@ -471,8 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     }
   }
 
-  if (mask[2]) {
-    gb = at::zeros({s.K}, weight.options());
+  if (mask[2] && !bias_done) {
     if (work) {
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_grad_bias", [&] {
         grad_bias(s, cl, dy.const_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>());

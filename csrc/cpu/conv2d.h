@@ -73,9 +73,21 @@ template <typename T>
 void direct_grad_input_nchw(const ConvShape& s, const T* dy, const T* w, T* dx);
 template <typename T>
 void direct_grad_input_nhwc(const ConvShape& s, const T* dy, const T* w, T* dx);
+// db (may be null) asks for the bias gradient too; returns whether it was
+// written (else the caller computes it).
 template <typename T>
-void direct_grad_weight_nchw(const ConvShape& s, const T* dy, const T* x, T* dw);
+bool direct_grad_weight_nchw(const ConvShape& s, const T* dy, const T* x, T* dw, T* db);
 template <typename T>
 void direct_grad_weight_nhwc(const ConvShape& s, const T* dy, const T* x, T* dw);
+
+// Flat direct kernels for small NCHW float convs with Cg > 1 and stride 1
+// (conv2d_small.cpp, AVX2: callers also check active_isa() != Scalar).
+// They overwrite y, dx, dw and db (db may be null).
+bool small_conv_ok(const ConvShape& s);
+void small_forward_nchw(const ConvShape& s, const float* x, const float* w, const float* b,
+                        float* y);
+void small_grad_input_nchw(const ConvShape& s, const float* dy, const float* w, float* dx);
+void small_grad_weight_nchw(const ConvShape& s, const float* dy, const float* x, float* dw,
+                            float* db);
 
 }  // namespace fastlayers::cpu

@@ -11,12 +11,29 @@
 //        grad_input   per (n, ih) row, gathering the (oh, ow) that reach it
 //        grad_weight  per-chunk partial sums over (n, oh) rows, summed in chunk order
 // Every write target belongs to one thread: deterministic, no atomics.
+//
+// Fast NCHW float path (AVX2, used when active_isa() != Scalar and sW == 1):
+// each plane is first copied into a zero-padded buffer, so every tap reads
+// an in-bounds row and the loops have no edge cases. Output rows are computed
+// in blocks of up to 8 ymm (64 columns) held in registers, each filter tap a
+// broadcast scalar:  acc[v] += w[r, q] * xpad[oh*sH + r*dH][ow0 + 8v + q*dW].
+// Short rows take several rows per block, or (forward, channel multipliers)
+// four filters sharing each input load, to keep enough accumulators busy.
+// grad_input (stride 1) is the same correlation of zero-padded dY with the
+// flipped filter; grad_weight keeps S lane-wise accumulators per filter row
+// and sums them per plane; planes are summed over images in fixed blocks of
+// images (in double), so the result does not depend on the thread count.
+// Otherwise (double, the scalar ISA, sW > 1, grad_input with sH > 1) the plain
+// loops run.
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "conv2d.h"
+#include "isa.h"
 
 namespace fastlayers::cpu {
 namespace {
@@ -35,10 +52,314 @@ int64_t plane_grain(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
 }
 
+int64_t round8(int64_t v) { return (v + 7) / 8 * 8; }
+
+// Copies the plane src [rows, cols] into buf [brows, bcols] with src[0][0]
+// landing at buf[r0][c0] (r0, c0 may be negative: src is cropped); the rest
+// of buf is zero.
+void pad_plane(const float* src, int64_t rows, int64_t cols, int64_t r0, int64_t c0,
+               float* buf, int64_t brows, int64_t bcols) {
+  const int64_t clo = std::max<int64_t>(0, c0), chi = std::min(bcols, c0 + cols);
+  for (int64_t a = 0; a < brows; ++a) {
+    float* d = buf + a * bcols;
+    const int64_t sr = a - r0;
+    if (sr < 0 || sr >= rows || chi <= clo) {
+      std::fill(d, d + bcols, 0.f);
+      continue;
+    }
+    std::fill(d, d + clo, 0.f);
+    std::copy(src + sr * cols + (clo - c0), src + sr * cols + (chi - c0), d + clo);
+    std::fill(d + chi, d + bcols, 0.f);
+  }
+}
+
+// Geometry of one padded-plane correlation: out[oh][ow] (+)= sum over r, q of
+// f[r*S + q] * buf[oh*sH + r*dH][ow + q*dW], for oh < P, ow < Q.
+struct PlaneConv {
+  int64_t R, S, sH, dH, dW;
+  int64_t P, Q;
+  int64_t bcols;  // >= round8(Q) + (S - 1) * dW
+};
+
+// Buffer shapes for the three passes (rows, cols).
+int64_t fwd_brows(const ConvShape& s) {
+  return std::max(s.H + s.pH, (s.P - 1) * s.sH + (s.R - 1) * s.dH + 1);
+}
+int64_t fwd_bcols(const ConvShape& s) {
+  return std::max(s.W + s.pW, round8(s.Q) + (s.S - 1) * s.dW);
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+inline __m256i tail_mask(int64_t n) {  // lanes [0, n) set, 1 <= n <= 8
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), idx);
+}
+
+// One block of NR output rows oh .. oh+NR-1 x NV vectors from column ow0 (NR
+// rows give short rows enough independent accumulators to hide the FMA
+// latency); the last vector of each row keeps `last` lanes.
+template <int NV, int NR>
+inline void corr_block(const PlaneConv& g, const float* buf, const float* f, int64_t oh,
+                       int64_t ow0, int64_t last, bool accumulate, float init, float* out) {
+  __m256 acc[NR][NV];
+  const __m256i m = tail_mask(last);
+  for (int h = 0; h < NR; ++h)
+    for (int v = 0; v < NV; ++v) {
+      const float* o = out + h * g.Q + 8 * v;
+      if (!accumulate) acc[h][v] = _mm256_set1_ps(init);
+      else if (v < NV - 1 || last == 8) acc[h][v] = _mm256_loadu_ps(o);
+      else acc[h][v] = _mm256_maskload_ps(o, m);
+    }
+  for (int64_t r = 0; r < g.R; ++r) {
+    const float* row = buf + (oh * g.sH + r * g.dH) * g.bcols + ow0;
+    for (int64_t q = 0; q < g.S; ++q) {
+      const __m256 wv = _mm256_set1_ps(f[r * g.S + q]);
+      const float* p = row + q * g.dW;
+      for (int h = 0; h < NR; ++h)
+        for (int v = 0; v < NV; ++v)
+          acc[h][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p + h * g.sH * g.bcols + 8 * v), acc[h][v]);
+    }
+  }
+  for (int h = 0; h < NR; ++h) {
+    float* o = out + h * g.Q;
+    for (int v = 0; v < NV - 1; ++v) _mm256_storeu_ps(o + 8 * v, acc[h][v]);
+    if (last == 8) _mm256_storeu_ps(o + 8 * (NV - 1), acc[h][NV - 1]);
+    else _mm256_maskstore_ps(o + 8 * (NV - 1), m, acc[h][NV - 1]);
+  }
+}
+
+// Rows of one column block: groups of NR rows, then single rows.
+template <int NV, int NR>
+inline void corr_rows(const PlaneConv& g, const float* buf, const float* f, int64_t ow0,
+                      int64_t last, bool accumulate, float init, float* out) {
+  int64_t oh = 0;
+  if constexpr (NR > 1) {
+    for (; oh + NR <= g.P; oh += NR)
+      corr_block<NV, NR>(g, buf, f, oh, ow0, last, accumulate, init, out + oh * g.Q + ow0);
+  }
+  for (; oh < g.P; ++oh)
+    corr_block<NV, 1>(g, buf, f, oh, ow0, last, accumulate, init, out + oh * g.Q + ow0);
+}
+
+// out [P, Q] = init + correlation (or out += correlation when accumulate).
+void corr_plane_avx2(const PlaneConv& g, const float* buf, const float* f, bool accumulate,
+                     float init, float* out) {
+  for (int64_t ow0 = 0; ow0 < g.Q; ow0 += 64) {
+    const int64_t n = std::min<int64_t>(64, g.Q - ow0), nv = (n + 7) / 8, last = n - 8 * (nv - 1);
+    switch (nv) {
+      case 1: corr_rows<1, 8>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 2: corr_rows<2, 6>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 3: corr_rows<3, 4>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 4: corr_rows<4, 3>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 5: corr_rows<5, 2>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 6: corr_rows<6, 2>(g, buf, f, ow0, last, accumulate, init, out); break;
+      case 7: corr_rows<7, 1>(g, buf, f, ow0, last, accumulate, init, out); break;
+      default: corr_rows<8, 1>(g, buf, f, ow0, last, accumulate, init, out); break;
+    }
+  }
+}
+
+// Four filters f + i*RS (i < 4) on one output row: the input loads are shared
+// by the filters (channel multipliers with short rows, e.g. LeNet's conv1).
+template <int NV>
+inline void corr4_block(const PlaneConv& g, const float* buf, const float* f, const float* init,
+                        int64_t oh, int64_t last, int64_t PQ, float* out) {
+  const int64_t RS = g.R * g.S;
+  const __m256i m = tail_mask(last);
+  __m256 acc[4][NV];
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_set1_ps(init[i]);
+  for (int64_t r = 0; r < g.R; ++r) {
+    const float* row = buf + (oh * g.sH + r * g.dH) * g.bcols;
+    for (int64_t q = 0; q < g.S; ++q) {
+      __m256 xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(row + q * g.dW + 8 * v);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 wv = _mm256_set1_ps(f[i * RS + r * g.S + q]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(wv, xv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    float* o = out + i * PQ + oh * g.Q;
+    for (int v = 0; v < NV - 1; ++v) _mm256_storeu_ps(o + 8 * v, acc[i][v]);
+    if (last == 8) _mm256_storeu_ps(o + 8 * (NV - 1), acc[i][NV - 1]);
+    else _mm256_maskstore_ps(o + 8 * (NV - 1), m, acc[i][NV - 1]);
+  }
+}
+
+// Four output planes at once (out + i*PQ); needs Q <= 24.
+void corr4_plane_avx2(const PlaneConv& g, const float* buf, const float* f, const float* init,
+                      int64_t PQ, float* out) {
+  const int64_t nv = (g.Q + 7) / 8, last = g.Q - 8 * (nv - 1);
+  for (int64_t oh = 0; oh < g.P; ++oh) {
+    if (nv == 1) corr4_block<1>(g, buf, f, init, oh, last, PQ, out);
+    else if (nv == 2) corr4_block<2>(g, buf, f, init, oh, last, PQ, out);
+    else corr4_block<3>(g, buf, f, init, oh, last, PQ, out);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+// Filter taps q0 .. q0+NQ-1 of filter row r:
+//   df[r*S + q] += sum over oh, ow of dy[oh][ow] * buf[oh*sH + r*dH][ow + q*dW].
+template <int NQ>
+inline void wgrad_taps(const PlaneConv& g, const float* buf, const float* dy, int64_t r,
+                       int64_t q0, double* df) {
+  __m256 acc[NQ];
+  for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_ps();
+  const int64_t nfull = g.Q / 8, rem = g.Q % 8;
+  const __m256i m = tail_mask(rem == 0 ? 8 : rem);
+  for (int64_t oh = 0; oh < g.P; ++oh) {
+    const float* d = dy + oh * g.Q;
+    const float* row = buf + (oh * g.sH + r * g.dH) * g.bcols + q0 * g.dW;
+    for (int64_t v = 0; v < nfull; ++v) {
+      const __m256 dv = _mm256_loadu_ps(d + 8 * v);
+      for (int j = 0; j < NQ; ++j)
+        acc[j] = _mm256_fmadd_ps(dv, _mm256_loadu_ps(row + 8 * v + j * g.dW), acc[j]);
+    }
+    if (rem) {
+      const __m256 dv = _mm256_maskload_ps(d + 8 * nfull, m);  // zero past Q
+      for (int j = 0; j < NQ; ++j)
+        acc[j] = _mm256_fmadd_ps(dv, _mm256_loadu_ps(row + 8 * nfull + j * g.dW), acc[j]);
+    }
+  }
+  for (int j = 0; j < NQ; ++j) df[r * g.S + q0 + j] += double(hsum(acc[j]));
+}
+
+void wgrad_plane_avx2(const PlaneConv& g, const float* buf, const float* dy, double* df) {
+  for (int64_t r = 0; r < g.R; ++r) {
+    for (int64_t q0 = 0; q0 < g.S; q0 += 8) {
+      switch (std::min<int64_t>(8, g.S - q0)) {
+        case 1: wgrad_taps<1>(g, buf, dy, r, q0, df); break;
+        case 2: wgrad_taps<2>(g, buf, dy, r, q0, df); break;
+        case 3: wgrad_taps<3>(g, buf, dy, r, q0, df); break;
+        case 4: wgrad_taps<4>(g, buf, dy, r, q0, df); break;
+        case 5: wgrad_taps<5>(g, buf, dy, r, q0, df); break;
+        case 6: wgrad_taps<6>(g, buf, dy, r, q0, df); break;
+        case 7: wgrad_taps<7>(g, buf, dy, r, q0, df); break;
+        default: wgrad_taps<8>(g, buf, dy, r, q0, df); break;
+      }
+    }
+  }
+}
+
+// Sum of a dense plane of n floats.
+float plane_sum_avx2(const float* p, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+  }
+  float t = hsum(_mm256_add_ps(a0, a1));
+  for (; i < n; ++i) t += p[i];
+  return t;
+}
+
+#pragma GCC pop_options
+
+bool use_avx2_nchw(const ConvShape& s) { return s.sW == 1 && active_isa() != Isa::Scalar; }
+
+// -- fast NCHW float passes (callers check use_avx2_nchw) --
+
+void forward_nchw_avx2(const ConvShape& s, const float* x, const float* w, const float* b,
+                       float* y) {
+  const int64_t brows = fwd_brows(s), bcols = fwd_bcols(s), PQ = s.PQ();
+  const PlaneConv g{s.R, s.S, s.sH, s.dH, s.dW, s.P, s.Q, bcols};
+  at::parallel_for(0, s.N * s.C, plane_grain(PQ * s.RS() * s.Kg), [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(brows * bcols);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / s.C, c = i % s.C;
+      pad_plane(x + i * s.HW(), s.H, s.W, s.pH, s.pW, buf.data(), brows, bcols);
+      int64_t j = 0;
+      if (s.Q <= 24) {  // short rows: four filters share each input load
+        for (; j + 4 <= s.Kg; j += 4) {
+          const int64_t k = c * s.Kg + j;
+          const float init[4] = {b ? b[k] : 0.f, b ? b[k + 1] : 0.f, b ? b[k + 2] : 0.f,
+                                 b ? b[k + 3] : 0.f};
+          corr4_plane_avx2(g, buf.data(), w + k * s.RS(), init, PQ, y + (n * s.K + k) * PQ);
+        }
+      }
+      for (; j < s.Kg; ++j) {
+        const int64_t k = c * s.Kg + j;
+        corr_plane_avx2(g, buf.data(), w + k * s.RS(), false, b ? b[k] : 0.f,
+                        y + (n * s.K + k) * PQ);
+      }
+    }
+  });
+}
+
+// Stride 1 only: dx[ih][iw] = sum over r, q of w[R-1-r][S-1-q] * pad(dy)[ih + r*dH][iw + q*dW].
+void grad_input_nchw_avx2(const ConvShape& s, const float* dy, const float* w, float* dx) {
+  const int64_t RS = s.RS(), PQ = s.PQ();
+  const int64_t brows = s.H + (s.R - 1) * s.dH, bcols = round8(s.W) + (s.S - 1) * s.dW;
+  const int64_t r0 = (s.R - 1) * s.dH - s.pH, c0 = (s.S - 1) * s.dW - s.pW;
+  const PlaneConv g{s.R, s.S, 1, s.dH, s.dW, s.H, s.W, bcols};
+  std::vector<float> wf(s.K * RS);  // flipped filters
+  for (int64_t k = 0; k < s.K; ++k)
+    for (int64_t j = 0; j < RS; ++j) wf[k * RS + j] = w[k * RS + RS - 1 - j];
+  at::parallel_for(0, s.N * s.C, plane_grain(s.HW() * RS * s.Kg), [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(brows * bcols);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / s.C, c = i % s.C;
+      for (int64_t j = 0; j < s.Kg; ++j) {
+        const int64_t k = c * s.Kg + j;
+        pad_plane(dy + (n * s.K + k) * PQ, s.P, s.Q, r0, c0, buf.data(), brows, bcols);
+        corr_plane_avx2(g, buf.data(), wf.data() + k * RS, j > 0, 0.f, dx + i * s.HW());
+      }
+    }
+  });
+}
+
+// Images are summed in nblk fixed blocks (independent of the thread count);
+// work items are (k, block), each writing its own partial row.
+void grad_weight_nchw_avx2(const ConvShape& s, const float* dy, const float* x, float* dw,
+                           float* db) {
+  const int64_t RS = s.RS(), PQ = s.PQ(), HW = s.HW(), wl = RS + 1;
+  const int64_t brows = fwd_brows(s), bcols = fwd_bcols(s);
+  const PlaneConv g{s.R, s.S, s.sH, s.dH, s.dW, s.P, s.Q, bcols};
+  const int64_t nblk = std::min<int64_t>(s.N, 16);
+  std::vector<double> part(s.K * nblk * wl, 0.0);  // [k][block][r, s | bias]
+  at::parallel_for(0, s.K * nblk, std::max<int64_t>(1, plane_grain(PQ * RS) / std::max<int64_t>(1, s.N / nblk)),
+                   [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(brows * bcols);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = i / nblk, blk = i % nblk, c = k / s.Kg;
+      double* acc = part.data() + i * wl;
+      for (int64_t n = blk * s.N / nblk; n < (blk + 1) * s.N / nblk; ++n) {
+        const float* dyp = dy + (n * s.K + k) * PQ;
+        pad_plane(x + (n * s.C + c) * HW, s.H, s.W, s.pH, s.pW, buf.data(), brows, bcols);
+        wgrad_plane_avx2(g, buf.data(), dyp, acc);
+        if (db) acc[RS] += double(plane_sum_avx2(dyp, PQ));
+      }
+    }
+  });
+  for (int64_t k = 0; k < s.K; ++k) {
+    for (int64_t j = 0; j < wl; ++j) {
+      if (j == RS && !db) break;
+      double t = 0;
+      for (int64_t blk = 0; blk < nblk; ++blk) t += part[(k * nblk + blk) * wl + j];
+      if (j < RS) dw[k * RS + j] = float(t);
+      else db[k] = float(t);
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
 void direct_forward_nchw(const ConvShape& s, const T* x, const T* w, const T* b, T* y) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx2_nchw(s)) return forward_nchw_avx2(s, x, w, b, y);
+  }
   const int64_t PQ = s.PQ(), HW = s.HW(), RS = s.RS();
   at::parallel_for(0, s.N * s.K, plane_grain(PQ * RS), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -103,6 +424,9 @@ void direct_forward_nhwc(const ConvShape& s, const T* x, const T* w, const T* b,
 
 template <typename T>
 void direct_grad_input_nchw(const ConvShape& s, const T* dy, const T* w, T* dx) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx2_nchw(s) && s.sH == 1) return grad_input_nchw_avx2(s, dy, w, dx);
+  }
   const int64_t PQ = s.PQ(), HW = s.HW(), RS = s.RS();
   at::parallel_for(0, s.N * s.C, plane_grain(PQ * RS * s.Kg), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -174,7 +498,13 @@ void direct_grad_input_nhwc(const ConvShape& s, const T* dy, const T* w, T* dx) 
 }
 
 template <typename T>
-void direct_grad_weight_nchw(const ConvShape& s, const T* dy, const T* x, T* dw) {
+bool direct_grad_weight_nchw(const ConvShape& s, const T* dy, const T* x, T* dw, T* db) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx2_nchw(s)) {
+      grad_weight_nchw_avx2(s, dy, x, dw, db);
+      return db != nullptr;
+    }
+  }
   const int64_t PQ = s.PQ(), HW = s.HW(), RS = s.RS();
   at::parallel_for(0, s.K * RS, plane_grain(s.N * PQ), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -205,6 +535,7 @@ void direct_grad_weight_nchw(const ConvShape& s, const T* dy, const T* x, T* dw)
       dw[i] = T(total);
     }
   });
+  return false;
 }
 
 template <typename T>
@@ -254,7 +585,7 @@ void direct_grad_weight_nhwc(const ConvShape& s, const T* dy, const T* x, T* dw)
   template void direct_forward_nhwc<T>(const ConvShape&, const T*, const T*, const T*, T*); \
   template void direct_grad_input_nchw<T>(const ConvShape&, const T*, const T*, T*);        \
   template void direct_grad_input_nhwc<T>(const ConvShape&, const T*, const T*, T*);        \
-  template void direct_grad_weight_nchw<T>(const ConvShape&, const T*, const T*, T*);       \
+  template bool direct_grad_weight_nchw<T>(const ConvShape&, const T*, const T*, T*, T*);   \
   template void direct_grad_weight_nhwc<T>(const ConvShape&, const T*, const T*, T*);
 FASTLAYERS_DIRECT_INSTANTIATE(float)
 FASTLAYERS_DIRECT_INSTANTIATE(double)

@@ -1,0 +1,449 @@
+// Direct "flat" Conv2d kernels for small NCHW float problems with Cg > 1 and
+// stride 1 (LeNet's conv2: 6 -> 16 channels, 5x5, 14x14 -> 10x10), where the
+// general im2col + GEMM path spends more time packing than computing.
+//
+// Each input channel is copied into a zero-padded plane of pitch Wp = W + 2pW,
+// stored flat. With output pixel (oh, ow) at flat index t = oh*Wp + ow (ow < Wp;
+// the columns ow >= Q are computed and dropped), every filter tap (r, q) is a
+// constant shift d = r*dH*Wp + q*dW, so a conv is a sum of shifted vectors:
+//   forward      y[k][t]        = b[k] + sum_{c,r,q} w[k,c,r,q] * x[c][t + d]
+//   grad_weight  dw[k,c,r,q]   += sum_t dyW[k][t] * x[c][t + d]
+//   grad_input   dx[c][t + d]  += sum_k w[k,c,r,q] * dyW[k][t]
+// where dyW is dY widened to pitch Wp with zero columns (so no tap wraps into
+// the next row). The loops keep a 4 x 3 block of ymm accumulators in
+// registers (4 channels or taps x 24 pixels). grad_weight sums images in fixed
+// blocks (in double), independent of the thread count. AVX2 only; callers
+// check small_conv_ok() and active_isa().
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "conv2d.h"
+
+namespace fastlayers::cpu {
+namespace {
+
+int64_t rnd8(int64_t v) { return (v + 7) / 8 * 8; }
+
+// Flat geometry shared by the three passes.
+struct Flat {
+  int64_t Wp, T, L;  // pitch, computed outputs (multiple of 8), padded plane length
+  std::vector<int64_t> d;  // tap shifts, r*S + q
+  // grad_input taps j = (r*S + q)*Cg + c: weight offset c*RS + r*S + q and
+  // padded-plane offset c*L + d[r*S + q] (tables: no divisions in the loops).
+  std::vector<int64_t> gi_w, gi_x;
+  explicit Flat(const ConvShape& s) {
+    Wp = s.W + 2 * s.pW;
+    T = rnd8((s.P - 1) * Wp + s.Q);  // through the last valid output
+    L = T + (s.R - 1) * s.dH * Wp + (s.S - 1) * s.dW;
+    d.resize(s.RS());
+    for (int64_t r = 0; r < s.R; ++r)
+      for (int64_t q = 0; q < s.S; ++q) d[r * s.S + q] = r * s.dH * Wp + q * s.dW;
+    for (int64_t j = 0; j < s.CgRS(); ++j) {
+      gi_w.push_back((j % s.Cg) * s.RS() + j / s.Cg);
+      gi_x.push_back((j % s.Cg) * L + d[j / s.Cg]);
+    }
+  }
+};
+
+// x plane [H, W] -> buf [L], padded; zero elsewhere.
+void pad_in(const ConvShape& s, const Flat& f, const float* x, float* buf) {
+  std::fill(buf, buf + f.L, 0.f);
+  for (int64_t h = 0; h < s.H; ++h)
+    std::copy(x + h * s.W, x + (h + 1) * s.W, buf + (h + s.pH) * f.Wp + s.pW);
+}
+
+// dy plane [P, Q] -> buf [T] with pitch Wp, zero elsewhere.
+void widen_dy(const ConvShape& s, const Flat& f, const float* dy, float* buf) {
+  std::fill(buf, buf + f.T, 0.f);
+  for (int64_t h = 0; h < s.P; ++h) std::copy(dy + h * s.Q, dy + (h + 1) * s.Q, buf + h * f.Wp);
+}
+
+// Image x [Cg, H, W] -> xt [Hp*Wp][Cg], zero-padded channels-last.
+void pad_in_cl(const ConvShape& s, const Flat& f, const float* x, float* xt) {
+  std::fill(xt, xt + (s.H + 2 * s.pH) * f.Wp * s.Cg, 0.f);
+  for (int64_t c = 0; c < s.Cg; ++c)
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t wi = 0; wi < s.W; ++wi)
+        xt[((h + s.pH) * f.Wp + wi + s.pW) * s.Cg + c] = x[(c * s.H + h) * s.W + wi];
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+// Forward block: KB output channels (weights wk, row stride CgRS) x TB
+// vectors of t starting at t0; xb = Cg padded planes of length L.
+template <int KB, int TB>
+void fwd_block(const ConvShape& s, const Flat& f, const float* xb, const float* wk,
+               const float* bias, int64_t t0, float* yb) {
+  const int64_t RS = s.RS(), CgRS = s.CgRS();
+  __m256 acc[KB][TB];
+  for (int i = 0; i < KB; ++i)
+    for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_set1_ps(bias ? bias[i] : 0.f);
+  for (int64_t c = 0; c < s.Cg; ++c) {
+    const float* xc = xb + c * f.L + t0;
+    for (int64_t j = 0; j < RS; ++j) {
+      const float* p = xc + f.d[j];
+      __m256 xv[TB];
+      for (int v = 0; v < TB; ++v) xv[v] = _mm256_loadu_ps(p + 8 * v);
+      for (int i = 0; i < KB; ++i) {
+        const __m256 wv = _mm256_set1_ps(wk[i * CgRS + c * RS + j]);
+        for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(wv, xv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < KB; ++i)
+    for (int v = 0; v < TB; ++v) _mm256_storeu_ps(yb + i * f.T + t0 + 8 * v, acc[i][v]);
+}
+
+// grad_weight block: KB output channels x TB taps (j0 .. j0+TB-1 of channel c),
+// summed over nb images (xb, dyb: per image Cg planes of L, Kg planes of T).
+template <int KB, int TB>
+void wgt_block(const ConvShape& s, const Flat& f, const float* xb, const float* dyb, int64_t nb,
+               int64_t k0, int64_t c, int64_t j0, double* dw /* [Kg][CgRS] */) {
+  __m256 acc[KB][TB];
+  for (int i = 0; i < KB; ++i)
+    for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_setzero_ps();
+  const int64_t img = s.Cg * f.L + s.Kg * f.T;
+  for (int64_t n = 0; n < nb; ++n) {
+    const float* xc = xb + n * img + c * f.L;
+    const float* dk = dyb + n * img + k0 * f.T;
+    for (int64_t t = 0; t < f.T; t += 8) {
+      __m256 xv[TB];
+      for (int v = 0; v < TB; ++v) xv[v] = _mm256_loadu_ps(xc + t + f.d[j0 + v]);
+      for (int i = 0; i < KB; ++i) {
+        const __m256 dv = _mm256_loadu_ps(dk + i * f.T + t);
+        for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(dv, xv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < KB; ++i)
+    for (int v = 0; v < TB; ++v) dw[(k0 + i) * s.CgRS() + c * s.RS() + j0 + v] += hsum8(acc[i][v]);
+}
+
+// grad_input block: taps j0 .. j0+KB-1 x TB vectors of t from t0: sums over
+// k, then adds into the padded dx planes (dxb). Taps are numbered (r*S + q)*Cg
+// + c, so a block's taps add into different planes: adding shifted vectors of
+// one plane back to back would overlap the stores just made and stall.
+template <int KB, int TB>
+void gin_block(const ConvShape& s, const Flat& f, const float* dyb, const float* w, int64_t j0,
+               int64_t t0, float* dxb) {
+  const int64_t CgRS = s.CgRS();
+  __m256 acc[KB][TB];
+  for (int i = 0; i < KB; ++i)
+    for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < s.Kg; ++k) {
+    __m256 dv[TB];
+    for (int v = 0; v < TB; ++v) dv[v] = _mm256_loadu_ps(dyb + k * f.T + t0 + 8 * v);
+    for (int i = 0; i < KB; ++i) {
+      const __m256 wv = _mm256_set1_ps(w[k * CgRS + f.gi_w[j0 + i]]);
+      for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(wv, dv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < KB; ++i) {
+    float* p = dxb + f.gi_x[j0 + i] + t0;
+    for (int v = 0; v < TB; ++v)
+      _mm256_storeu_ps(p + 8 * v, _mm256_add_ps(_mm256_loadu_ps(p + 8 * v), acc[i][v]));
+  }
+}
+
+// Forward with output channels in the vector lanes (Kg = 8 or 16: no lanes
+// wasted on the dropped columns): xt is the padded image channels-last
+// [Hp*Wp][Cg], wt the filters as [r, q, c][Kg]; PB pixels ow0 .. of row oh.
+template <int KV, int PB>
+void fwd_cl_block(const ConvShape& s, const Flat& f, const float* xt, const float* wt,
+                  const float* bias, int64_t oh, int64_t ow0, float* y) {
+  const int64_t Cg = s.Cg, Kg = s.Kg;
+  __m256 acc[PB][KV];
+  for (int v = 0; v < KV; ++v) {
+    const __m256 bv = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
+    for (int p = 0; p < PB; ++p) acc[p][v] = bv;
+  }
+  for (int64_t r = 0; r < s.R; ++r) {
+    for (int64_t q = 0; q < s.S; ++q) {
+      const float* xp = xt + ((oh + r * s.dH) * f.Wp + ow0 + q * s.dW) * Cg;
+      const float* wp = wt + (r * s.S + q) * Cg * Kg;
+      for (int64_t c = 0; c < Cg; ++c) {
+        __m256 wv[KV];
+        for (int v = 0; v < KV; ++v) wv[v] = _mm256_loadu_ps(wp + c * Kg + 8 * v);
+        for (int p = 0; p < PB; ++p) {
+          const __m256 xb = _mm256_set1_ps(xp[p * Cg + c]);
+          for (int v = 0; v < KV; ++v) acc[p][v] = _mm256_fmadd_ps(xb, wv[v], acc[p][v]);
+        }
+      }
+    }
+  }
+  alignas(32) float tmp[PB][KV * 8];
+  for (int p = 0; p < PB; ++p)
+    for (int v = 0; v < KV; ++v) _mm256_store_ps(tmp[p] + 8 * v, acc[p][v]);
+  for (int64_t k = 0; k < Kg; ++k)
+    for (int p = 0; p < PB; ++p) y[k * s.PQ() + oh * s.Q + ow0 + p] = tmp[p][k];
+}
+
+// Row oh in ceil(Q / 6) near-equal pixel blocks (Q = 10: 5 + 5, not 6 + 4).
+template <int KV>
+void fwd_cl_row(const ConvShape& s, const Flat& f, const float* xt, const float* wt,
+                const float* bias, int64_t oh, float* y) {
+  const int64_t nb = (s.Q + 5) / 6;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t ow = i * s.Q / nb, pb = (i + 1) * s.Q / nb - ow;
+    switch (pb) {
+      case 1: fwd_cl_block<KV, 1>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 2: fwd_cl_block<KV, 2>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 3: fwd_cl_block<KV, 3>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 4: fwd_cl_block<KV, 4>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 5: fwd_cl_block<KV, 5>(s, f, xt, wt, bias, oh, ow, y); break;
+      default: fwd_cl_block<KV, 6>(s, f, xt, wt, bias, oh, ow, y); break;
+    }
+  }
+}
+
+// Runs fn.template operator()<KB, TB>(i0, v0) over an ni x nv grid (ni rows
+// in blocks of 4, nv vectors in blocks of 3), remainders with smaller blocks.
+template <int KB, typename F>
+inline void tb_switch(int64_t tb, const F& fn, int64_t i0, int64_t v0) {
+  if (tb == 3) fn.template operator()<KB, 3>(i0, v0);
+  else if (tb == 2) fn.template operator()<KB, 2>(i0, v0);
+  else fn.template operator()<KB, 1>(i0, v0);
+}
+template <typename F>
+inline void grid(int64_t ni, int64_t nv, const F& fn) {
+  for (int64_t i0 = 0; i0 < ni; i0 += 4) {
+    const int64_t kb = std::min<int64_t>(4, ni - i0);
+    for (int64_t v0 = 0; v0 < nv; v0 += 3) {
+      const int64_t tb = std::min<int64_t>(3, nv - v0);
+      switch (kb) {
+        case 4: tb_switch<4>(tb, fn, i0, v0); break;
+        case 3: tb_switch<3>(tb, fn, i0, v0); break;
+        case 2: tb_switch<2>(tb, fn, i0, v0); break;
+        default: tb_switch<1>(tb, fn, i0, v0); break;
+      }
+    }
+  }
+}
+
+bool use_cl_forward(const ConvShape& s) { return s.Kg == 8 || s.Kg == 16; }
+
+// xb: Cg*L floats (flat) or >= Hp*Wp*Cg (channels-last); wt: [r, q, c][Kg].
+void forward_image(const ConvShape& s, const Flat& f, const float* x, const float* w,
+                   const float* wt, const float* b, float* y, float* xb, float* yb) {
+  if (use_cl_forward(s)) {
+    pad_in_cl(s, f, x, xb);
+    for (int64_t oh = 0; oh < s.P; ++oh) {
+      if (s.Kg == 16) fwd_cl_row<2>(s, f, xb, wt, b, oh, y);
+      else fwd_cl_row<1>(s, f, xb, wt, b, oh, y);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < s.Cg; ++c) pad_in(s, f, x + c * s.HW(), xb + c * f.L);
+  grid(s.Kg, f.T / 8, [&]<int KB, int TB>(int64_t k0, int64_t v0) {
+    fwd_block<KB, TB>(s, f, xb, w + k0 * s.CgRS(), b ? b + k0 : nullptr, 8 * v0, yb + k0 * f.T);
+  });
+  for (int64_t k = 0; k < s.Kg; ++k)
+    for (int64_t h = 0; h < s.P; ++h)
+      std::copy(yb + k * f.T + h * f.Wp, yb + k * f.T + h * f.Wp + s.Q, y + (k * s.P + h) * s.Q);
+}
+
+void grad_input_image(const ConvShape& s, const Flat& f, const float* dy, const float* w,
+                      float* dx, float* dyb, float* dxb) {
+  for (int64_t k = 0; k < s.Kg; ++k) widen_dy(s, f, dy + k * s.PQ(), dyb + k * f.T);
+  std::fill(dxb, dxb + s.Cg * f.L, 0.f);
+  grid(s.CgRS(), f.T / 8, [&]<int KB, int TB>(int64_t j0, int64_t v0) {
+    gin_block<KB, TB>(s, f, dyb, w, j0, 8 * v0, dxb);
+  });
+  for (int64_t c = 0; c < s.Cg; ++c)
+    for (int64_t h = 0; h < s.H; ++h) {
+      const float* src = dxb + c * f.L + (h + s.pH) * f.Wp + s.pW;
+      std::copy(src, src + s.W, dx + (c * s.H + h) * s.W);
+    }
+}
+
+// Adds images' grad_weight (and grad_bias when db) of one group into dw, db.
+void grad_weight_images(const ConvShape& s, const Flat& f, const float* dy, const float* x,
+                        int64_t nb, int64_t g, double* dw, double* db, float* buf) {
+  const int64_t img = s.Cg * f.L + s.Kg * f.T;
+  for (int64_t n = 0; n < nb; ++n) {
+    float* xb = buf + n * img;
+    float* dyb = xb + s.Cg * f.L;
+    const float* xn = x + (n * s.C + g * s.Cg) * s.HW();
+    const float* dyn = dy + (n * s.K + g * s.Kg) * s.PQ();
+    for (int64_t c = 0; c < s.Cg; ++c) pad_in(s, f, xn + c * s.HW(), xb + c * f.L);
+    for (int64_t k = 0; k < s.Kg; ++k) {
+      widen_dy(s, f, dyn + k * s.PQ(), dyb + k * f.T);
+      if (db) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t t = 0; t < f.T; t += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(dyb + k * f.T + t));
+        db[k] += hsum8(a);
+      }
+    }
+  }
+  for (int64_t c = 0; c < s.Cg; ++c) {
+    grid(s.Kg, s.RS(), [&]<int KB, int TB>(int64_t k0, int64_t j0) {
+      wgt_block<KB, TB>(s, f, buf, buf + s.Cg * f.L, nb, k0, c, j0, dw);
+    });
+  }
+}
+
+// grad_weight with output channels in the lanes (Kg = 8 or 16, as forward):
+//   dw[k, c, r, q] += sum over images, pixels of dyT[pix][k] * xt[pix + tap][c]
+// for up to 6 channels c of one tap (r, q) at a time; no horizontal sums.
+template <int KV, int CB>
+void wgt_cl_block(const ConvShape& s, const Flat& f, const float* buf, int64_t img, int64_t nb,
+                  int64_t r, int64_t q, int64_t c0, double* dw) {
+  const int64_t Cg = s.Cg, Kg = s.Kg, xlen = (s.H + 2 * s.pH) * f.Wp * Cg;
+  __m256 acc[CB][KV];
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < KV; ++v) acc[c][v] = _mm256_setzero_ps();
+  for (int64_t n = 0; n < nb; ++n) {
+    const float* xt = buf + n * img;
+    const float* dyt = xt + xlen;
+    for (int64_t oh = 0; oh < s.P; ++oh) {
+      const float* xp = xt + ((oh + r * s.dH) * f.Wp + q * s.dW) * Cg + c0;
+      const float* dp = dyt + oh * s.Q * Kg;
+      for (int64_t ow = 0; ow < s.Q; ++ow) {
+        __m256 dv[KV];
+        for (int v = 0; v < KV; ++v) dv[v] = _mm256_loadu_ps(dp + ow * Kg + 8 * v);
+        for (int c = 0; c < CB; ++c) {
+          const __m256 xb = _mm256_set1_ps(xp[ow * Cg + c]);
+          for (int v = 0; v < KV; ++v) acc[c][v] = _mm256_fmadd_ps(xb, dv[v], acc[c][v]);
+        }
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) {
+    alignas(32) float lanes[KV * 8];
+    for (int v = 0; v < KV; ++v) _mm256_store_ps(lanes + 8 * v, acc[c][v]);
+    for (int64_t k = 0; k < Kg; ++k) dw[k * s.CgRS() + (c0 + c) * s.RS() + r * s.S + q] += lanes[k];
+  }
+}
+
+template <int KV>
+void wgt_cl_taps(const ConvShape& s, const Flat& f, const float* buf, int64_t img, int64_t nb,
+                 double* dw) {
+  for (int64_t r = 0; r < s.R; ++r)
+    for (int64_t q = 0; q < s.S; ++q)
+      for (int64_t c0 = 0; c0 < s.Cg; c0 += 6) {
+        switch (std::min<int64_t>(6, s.Cg - c0)) {
+          case 1: wgt_cl_block<KV, 1>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 2: wgt_cl_block<KV, 2>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 3: wgt_cl_block<KV, 3>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 4: wgt_cl_block<KV, 4>(s, f, buf, img, nb, r, q, c0, dw); break;
+          case 5: wgt_cl_block<KV, 5>(s, f, buf, img, nb, r, q, c0, dw); break;
+          default: wgt_cl_block<KV, 6>(s, f, buf, img, nb, r, q, c0, dw); break;
+        }
+      }
+}
+
+#pragma GCC pop_options
+
+// Per-image buffer length of grad_weight_images.
+int64_t gw_img_len(const ConvShape& s, const Flat& f) {
+  if (use_cl_forward(s)) return (s.H + 2 * s.pH) * f.Wp * s.Cg + s.PQ() * s.Kg;
+  return s.Cg * f.L + s.Kg * f.T;
+}
+
+void grad_weight_images_cl(const ConvShape& s, const Flat& f, const float* dy, const float* x,
+                           int64_t nb, int64_t g, double* dw, double* db, float* buf) {
+  const int64_t img = gw_img_len(s, f), xlen = (s.H + 2 * s.pH) * f.Wp * s.Cg, PQ = s.PQ();
+  for (int64_t n = 0; n < nb; ++n) {
+    float* xt = buf + n * img;
+    float* dyt = xt + xlen;
+    const float* dyn = dy + (n * s.K + g * s.Kg) * PQ;
+    pad_in_cl(s, f, x + (n * s.C + g * s.Cg) * s.HW(), xt);
+    for (int64_t k = 0; k < s.Kg; ++k) {
+      float t = 0;
+      for (int64_t p = 0; p < PQ; ++p) {
+        dyt[p * s.Kg + k] = dyn[k * PQ + p];
+        t += dyn[k * PQ + p];
+      }
+      if (db) db[k] += t;
+    }
+  }
+  if (s.Kg == 16) wgt_cl_taps<2>(s, f, buf, img, nb, dw);
+  else wgt_cl_taps<1>(s, f, buf, img, nb, dw);
+}
+
+}  // namespace
+
+bool small_conv_ok(const ConvShape& s) {
+  if (s.sH != 1 || s.sW != 1 || s.Cg < 2 || s.Kg > 32) return false;
+  const Flat f(s);
+  // One image's padded planes and outputs stay well inside L2.
+  return (s.Cg * f.L + s.Kg * f.T) * 4 <= 96 * 1024 && s.CgRS() <= 1024;
+}
+
+void small_forward_nchw(const ConvShape& s, const float* x, const float* w, const float* b,
+                        float* y) {
+  const Flat f(s);
+  const int64_t RS = s.RS(), CgRS = s.CgRS();
+  std::vector<float> wt(s.G * s.Kg * CgRS);  // per group [r, q, c][Kg]
+  for (int64_t g = 0; g < s.G; ++g)
+    for (int64_t k = 0; k < s.Kg; ++k)
+      for (int64_t c = 0; c < s.Cg; ++c)
+        for (int64_t j = 0; j < RS; ++j)
+          wt[g * s.Kg * CgRS + (j * s.Cg + c) * s.Kg + k] = w[(g * s.Kg + k) * CgRS + c * RS + j];
+  const int64_t xlen = std::max(s.Cg * f.L, (s.H + 2 * s.pH) * f.Wp * s.Cg);
+  at::parallel_for(0, s.N * s.G, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> xb(xlen), yb(s.Kg * f.T);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / s.G, g = i % s.G;
+      forward_image(s, f, x + (n * s.C + g * s.Cg) * s.HW(), w + g * s.Kg * CgRS,
+                    wt.data() + g * s.Kg * CgRS, b ? b + g * s.Kg : nullptr,
+                    y + (n * s.K + g * s.Kg) * s.PQ(), xb.data(), yb.data());
+    }
+  });
+}
+
+void small_grad_input_nchw(const ConvShape& s, const float* dy, const float* w, float* dx) {
+  const Flat f(s);
+  at::parallel_for(0, s.N * s.G, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> dyb(s.Kg * f.T), dxb(s.Cg * f.L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / s.G, g = i % s.G;
+      grad_input_image(s, f, dy + (n * s.K + g * s.Kg) * s.PQ(), w + g * s.Kg * s.CgRS(),
+                       dx + (n * s.C + g * s.Cg) * s.HW(), dyb.data(), dxb.data());
+    }
+  });
+}
+
+void small_grad_weight_nchw(const ConvShape& s, const float* dy, const float* x, float* dw,
+                            float* db) {
+  const Flat f(s);
+  // Fixed image blocks (not per thread); each sums its images kSub at a time.
+  constexpr int64_t kSub = 8;
+  const int64_t nblk = std::min<int64_t>(s.N, 8), wl = s.Kg * s.CgRS() + s.Kg;
+  const int64_t img = gw_img_len(s, f);
+  std::vector<double> part(nblk * s.G * wl, 0.0);  // [block][g][Kg*CgRS | Kg bias]
+  at::parallel_for(0, nblk * s.G, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t blk = i / s.G, g = i % s.G;
+      const int64_t n0 = blk * s.N / nblk, n1 = (blk + 1) * s.N / nblk;
+      std::vector<float> buf(std::min<int64_t>(kSub, n1 - n0) * img);
+      double* acc = part.data() + i * wl;
+      for (int64_t n = n0; n < n1; n += kSub) {
+        (use_cl_forward(s) ? grad_weight_images_cl : grad_weight_images)(
+            s, f, dy + n * s.K * s.PQ(), x + n * s.C * s.HW(), std::min(kSub, n1 - n), g, acc,
+            db ? acc + s.Kg * s.CgRS() : nullptr, buf.data());
+      }
+    }
+  });
+  for (int64_t g = 0; g < s.G; ++g)
+    for (int64_t j = 0; j < wl; ++j) {
+      if (j >= s.Kg * s.CgRS() && !db) break;
+      double t = 0;
+      for (int64_t blk = 0; blk < nblk; ++blk) t += part[(blk * s.G + g) * wl + j];
+      if (j < s.Kg * s.CgRS()) dw[g * s.Kg * s.CgRS() + j] = float(t);
+      else db[g * s.Kg + j - s.Kg * s.CgRS()] = float(t);
+    }
+}
+
+}  // namespace fastlayers::cpu
