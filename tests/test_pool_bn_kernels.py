@@ -455,3 +455,27 @@ def test_bn_errors():
     with pytest.raises(RuntimeError, match="shape"):
         ops.batch_norm_backward(torch.randn(4, 3, 6), x, None, torch.zeros(3), torch.ones(3),
                                 True, [True, True, True])
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (17, 16), (16, 17), (15, 15), (9, 33), (2, 16)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_pool_k2s2_fast_paths(isa, hw, ceil_mode):
+    """The 2x2 / stride 2 window has its own forward (OW >= 8) and backward
+    kernels: values, argmax (ties, -inf, NaN), indices and gradients as torch,
+    odd sizes leaving rows/columns no window covers, rows shorter than 8."""
+    torch.manual_seed(0)
+    h, w = hw
+    x = torch.randn(3, 5, h, w)
+    x[0, 0] = 1.0                                  # ties everywhere: first wins
+    x[0, 1] = float("-inf")                        # all -inf windows
+    x[1, 0, ::3, ::2] = float("nan")               # NaN wins
+    x[1, 1] = torch.randint(0, 3, (h, w)).float()  # many ties
+    xt, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    yt, it = torch.nn.functional.max_pool2d(xt, 2, ceil_mode=ceil_mode, return_indices=True)
+    yo, io = fastlayers.functional.max_pool2d(xo, 2, ceil_mode=ceil_mode, return_indices=True)
+    torch.testing.assert_close(yo, yt, equal_nan=True)
+    assert torch.equal(io, it)
+    g = torch.randn_like(yt)
+    yt.backward(g)
+    yo.backward(g)
+    torch.testing.assert_close(xo.grad, xt.grad, rtol=0, atol=0)

@@ -19,6 +19,8 @@ namespace fastlayers::cpu {
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
+constexpr size_t kPage = 4096;
+constexpr size_t kCached = size_t(64) << 10;  // smaller blocks: torch's allocator
 
 bool thp_enabled() {
   static const bool on = [] {
@@ -28,10 +30,10 @@ bool thp_enabled() {
   return on;
 }
 
-// Freed huge blocks are kept for reuse, up to a byte limit: a training loop
-// allocates the same shapes every step, and a fresh block costs page faults
-// and the kernel zeroing it (glibc's heap does the same for blocks under its
-// mmap threshold). FASTLAYERS_CACHE_MB sets the limit (default 256; 0 turns
+// Freed blocks of 64 KiB and more are kept for reuse, up to a byte limit: a
+// training loop allocates the same shapes every step, and a fresh block costs
+// page faults and the kernel zeroing it (glibc only keeps some of them: its
+// mmap threshold and heap trimming hand most back to the kernel). FASTLAYERS_CACHE_MB sets the limit (default 256; 0 turns
 // caching off); fastlayers.empty_cache() frees the cached blocks.
 class BlockCache {
  public:
@@ -96,16 +98,18 @@ void release(void* ctx) {
 
 struct HugePageAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
-    if (n < kHuge || !thp_enabled()) return c10::GetCPUAllocator()->allocate(n);
-    const size_t sz = (n + kHuge - 1) / kHuge * kHuge;  // whole huge pages
+    if (n < kCached) return c10::GetCPUAllocator()->allocate(n);
+    const bool huge = n >= kHuge && thp_enabled();
+    const size_t unit = huge ? kHuge : kPage;
+    const size_t sz = (n + unit - 1) / unit * unit;  // whole (huge) pages
     void* p = BlockCache::get().take(sz);
     if (p == nullptr) {
-      if (posix_memalign(&p, kHuge, sz) != 0 || p == nullptr) {
+      if (posix_memalign(&p, unit, sz) != 0 || p == nullptr) {
         BlockCache::get().empty();  // retry once without the cache's blocks
-        if (posix_memalign(&p, kHuge, sz) != 0 || p == nullptr) throw std::bad_alloc();
+        if (posix_memalign(&p, unit, sz) != 0 || p == nullptr) throw std::bad_alloc();
       }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      madvise(p, sz, MADV_HUGEPAGE);  // advice only: failure just means 4 KiB pages
+      if (huge) madvise(p, sz, MADV_HUGEPAGE);  // advice only: failure means 4 KiB pages
 #endif
     }
     return {p, new Block{p, sz}, &release, c10::Device(c10::DeviceType::CPU)};

@@ -2,8 +2,8 @@
 // and advised for transparent huge pages (MADV_HUGEPAGE), as torch itself does
 // when THP_MEM_ALLOC_ENABLE=1: a fresh 50 MB output then takes ~25 page faults
 // instead of ~12,000, which on this VM is ~20 ms of a 45 ms BatchNorm.
-// Freed huge blocks are cached for reuse (bounded; see alloc.cpp). Smaller
-// blocks come from torch's CPU allocator. FASTLAYERS_THP=0 turns the
+// Freed blocks of 64 KiB and more are cached for reuse (bounded; see
+// alloc.cpp). Smaller blocks come from torch's CPU allocator. FASTLAYERS_THP=0 turns the
 // huge-page path off (read once).
 #pragma once
 #include <ATen/ATen.h>

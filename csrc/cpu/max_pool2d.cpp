@@ -25,7 +25,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "alloc.h"
@@ -305,6 +307,32 @@ void check_input(const at::Tensor& input, const char* op) {
               "but got:", input.sizes());
 }
 
+// The common 2x2 / stride 2 window without padding or dilation, whole
+// windows only (floor mode or even sizes): windows do not overlap, so every
+// input element is written exactly once, by a select on its window's offset
+// (no zero pass, no scatter; the loop vectorises). Rows/columns no window
+// covers (odd H or W) get zeros.
+bool is_k2s2(const Geom& g) {
+  return g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.pH == 0 && g.pW == 0 &&
+         g.dH == 1 && g.dW == 1 && 2 * g.OH <= g.H && 2 * g.OW <= g.W;
+}
+
+// Forward of that window, NCHW float, rows of 8+ outputs (AVX2 kernel).
+void forward_k2s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g) {
+  const float* x = in.const_data_ptr<float>();
+  float* y = out.mutable_data_ptr<float>();
+  uint8_t* o = static_cast<uint8_t*>(off.mutable_data_ptr());
+  const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW;
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl)
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const float* r0 = x + pl * H * W + 2 * oh * W;
+        const int64_t i = (pl * OH + oh) * OW;
+        cpu::max_pool2d_fwd_k2s2_row_avx2(r0, r0 + W, OW, y + i, o + i);
+      }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
                                                       at::IntArrayRef k, at::IntArrayRef s,
                                                       at::IntArrayRef p, at::IntArrayRef d,
@@ -332,6 +360,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
     auto run = [&](auto o_tag) {
       using O = decltype(o_tag);
       if (cl) forward_cl<scalar_t, O>(input, out, off, g, isa);
+      else if (std::is_same_v<scalar_t, float> && isa != cpu::Isa::Scalar && is_k2s2(g) &&
+               g.OW >= 8)
+        forward_k2s2_nchw(input, out, off, g);
       else if (std::is_same_v<scalar_t, float> && isa != cpu::Isa::Scalar)
         forward_nchw_simd(input, out, off, g, isa);
       else forward_nchw_scalar<scalar_t, O>(input, out, off, g);
@@ -363,9 +394,56 @@ inline void scatter_row(T* __restrict x, const T* __restrict y, const O* __restr
   }
 }
 
+template <typename T>
+void backward_k2s2_nchw(const T* dy, const uint8_t* of, T* dx, const Geom& g) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  const bool simd = cpu::active_isa() != cpu::Isa::Scalar;
+  const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW;
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl) {
+      T* x = dx + pl * H * W;
+      const T* y = dy + pl * OH * OW;
+      const uint8_t* o = of + pl * OH * OW;
+      for (int64_t oh = 0; oh < OH; ++oh, y += OW, o += OW) {
+        T* x0 = x + 2 * oh * W;
+        T* x1 = x0 + W;
+        if constexpr (std::is_same_v<T, float>) {
+          if (simd) {
+            cpu::max_pool2d_bwd_k2s2_row_avx2(y, o, OW, x0, x1);
+            for (int64_t iw = 2 * OW; iw < W; ++iw) x0[iw] = x1[iw] = T(0);
+            continue;
+          }
+        }
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          // Branch-free selects on the bits (the argmax is random: branches
+          // would mispredict a quarter of the time).
+          U v;
+          std::memcpy(&v, y + ow, sizeof v);
+          const U t = o[ow];
+          const U b0 = v & (U(0) - U(t == 0)), b1 = v & (U(0) - U(t == 1));
+          const U b2 = v & (U(0) - U(t == 2)), b3 = v & (U(0) - U(t == 3));
+          std::memcpy(x0 + 2 * ow, &b0, sizeof b0);
+          std::memcpy(x0 + 2 * ow + 1, &b1, sizeof b1);
+          std::memcpy(x1 + 2 * ow, &b2, sizeof b2);
+          std::memcpy(x1 + 2 * ow + 1, &b3, sizeof b3);
+        }
+        for (int64_t iw = 2 * OW; iw < W; ++iw) x0[iw] = x1[iw] = T(0);
+      }
+      std::fill(x + 2 * OH * W, x + H * W, T(0));
+    }
+  });
+}
+
 template <typename T, typename O>
 void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, const Geom& g,
                    bool cl) {
+  if constexpr (std::is_same_v<O, uint8_t>) {
+    if (!cl && is_k2s2(g)) {
+      backward_k2s2_nchw(go.const_data_ptr<T>(), static_cast<const uint8_t*>(off.const_data_ptr()),
+                         gi.mutable_data_ptr<T>(), g);
+      return;
+    }
+  }
   const T* dy = go.const_data_ptr<T>();
   const O* of = static_cast<const O*>(off.const_data_ptr());
   T* dx = gi.mutable_data_ptr<T>();

@@ -63,7 +63,73 @@ struct Avx2 {
 }  // namespace
 
 void max_pool2d_rows_avx2(const PoolRowsArgs& a) { pool_avx2::pool_rows_any<Avx2>(a); }
+
+// Backward of the 2x2 / stride 2 window, one output row: input rows x0, x1
+// get dy where the offset names them, else 0 (8 outputs -> 2 x 16 inputs).
+void max_pool2d_bwd_k2s2_row_avx2(const float* dy, const uint8_t* o, int64_t OW, float* x0,
+                                  float* x1) {
+  // 8 outputs: d[8] and t[8] -> r0[16], r1[16] (interleaved selects).
+  auto block = [](const float* d, const uint8_t* t8, float* r0, float* r1) {
+    const __m256 v = _mm256_loadu_ps(d);
+    const __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t8)));
+    auto sel = [&](int k) {
+      return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(t, _mm256_set1_epi32(k))));
+    };
+    const __m256 b0 = sel(0), b1 = sel(1), b2 = sel(2), b3 = sel(3);
+    const __m256 l0 = _mm256_unpacklo_ps(b0, b1), h0 = _mm256_unpackhi_ps(b0, b1);
+    const __m256 l1 = _mm256_unpacklo_ps(b2, b3), h1 = _mm256_unpackhi_ps(b2, b3);
+    _mm256_storeu_ps(r0, _mm256_permute2f128_ps(l0, h0, 0x20));
+    _mm256_storeu_ps(r0 + 8, _mm256_permute2f128_ps(l0, h0, 0x31));
+    _mm256_storeu_ps(r1, _mm256_permute2f128_ps(l1, h1, 0x20));
+    _mm256_storeu_ps(r1 + 8, _mm256_permute2f128_ps(l1, h1, 0x31));
+  };
+  int64_t ow = 0;
+  for (; ow + 8 <= OW; ow += 8) block(dy + ow, o + ow, x0 + 2 * ow, x1 + 2 * ow);
+  if (ow < OW && OW >= 8) {
+    // Tail: the last 8 outputs again, overlapping; rewriting an input
+    // element writes the same value, so this is exact.
+    ow = OW - 8;
+    block(dy + ow, o + ow, x0 + 2 * ow, x1 + 2 * ow);
+    return;
+  }
+  for (; ow < OW; ++ow) {
+    const float v = dy[ow];
+    const uint8_t t = o[ow];
+    x0[2 * ow] = t == 0 ? v : 0.f;
+    x0[2 * ow + 1] = t == 1 ? v : 0.f;
+    x1[2 * ow] = t == 2 ? v : 0.f;
+    x1[2 * ow + 1] = t == 3 ? v : 0.f;
+  }
+}
+
 void max_pool2d_pixel_avx2(const PoolPixelArgs& a) { pool_avx2::pool_pixel<Avx2>(a); }
+
+// Forward of the 2x2 / stride 2 window straight from input rows r0, r1 (no
+// band buffer), one output row, OW >= 8: taps in torch's order (r0 even,
+// r0 odd, r1 even, r1 odd), first max wins, NaN wins.
+void max_pool2d_fwd_k2s2_row_avx2(const float* r0, const float* r1, int64_t OW, float* out,
+                                  uint8_t* off) {
+  auto block = [&](int64_t ow) {
+    __m256 a, b, c, d;
+    Avx2::load_s2_pair(r0 + 2 * ow, a, b);
+    Avx2::load_s2_pair(r1 + 2 * ow, c, d);
+    __m256 m = a;
+    __m256i idx = _mm256_setzero_si256();
+    auto step = [&](__m256 v, int k) {
+      const __m256 u = Avx2::upd(v, m);
+      m = _mm256_blendv_ps(m, v, u);
+      idx = Avx2::blendi(idx, _mm256_set1_epi32(k), u);
+    };
+    step(b, 1);
+    step(c, 2);
+    step(d, 3);
+    _mm256_storeu_ps(out + ow, m);
+    Avx2::store_u8(off + ow, idx);
+  };
+  int64_t ow = 0;
+  for (; ow + 8 <= OW; ow += 8) block(ow);
+  if (ow < OW) block(OW - 8);  // overlapping tail: recomputes the same values
+}
 
 }  // namespace fastlayers::cpu
 

@@ -48,6 +48,12 @@ struct PoolPixelArgs {
 };
 
 void max_pool2d_rows_avx2(const PoolRowsArgs& a);
+// Backward of the non-overlapping 2x2 / stride 2 window (AVX2; also used on
+// AVX-512 CPUs): one output row into input rows x0 and x1, every input written.
+void max_pool2d_fwd_k2s2_row_avx2(const float* r0, const float* r1, int64_t OW, float* out,
+                                  uint8_t* off);  // needs OW >= 8
+void max_pool2d_bwd_k2s2_row_avx2(const float* dy, const uint8_t* o, int64_t OW, float* x0,
+                                  float* x1);
 void max_pool2d_pixel_avx2(const PoolPixelArgs& a);
 void max_pool2d_rows_avx512(const PoolRowsArgs& a);
 void max_pool2d_pixel_avx512(const PoolPixelArgs& a);
