@@ -2,7 +2,8 @@
 
 Each case times torch.nn and fastlayers on the same inputs and weights,
 interleaved (alternating order every repetition) after warm-up, and reports
-medians for forward (under no_grad) and forward+backward. Achieved GFLOP/s
+medians for forward (under no_grad) and forward+backward (the output gradient
+is made once, outside the timing). Achieved GFLOP/s
 (compute-bound layers) or GB/s (memory-bound layers) are compared with this
 machine's roofline, measured by the report itself: the fp32 FMA peak over all
 threads, and the DRAM copy bandwidth. Saved-tensor bytes (what autograd keeps
@@ -217,10 +218,16 @@ def run_case(case: Case, budget_s=1.0, min_reps=5, memory=True):
                 m(x)
         return f
 
+    # The output gradient is made once, outside the timing: filling an
+    # output-sized tensor is not the layer's work (it would add the same
+    # time to both sides and understate every ratio).
+    with torch.no_grad():
+        dy = torch.ones_like(ref(x))
+
     def fwd_bwd(m):
         def f():
             y = m(xg)
-            y.backward(torch.ones_like(y))
+            y.backward(dy)
             xg.grad = None
             for p in m.parameters():
                 p.grad = None
