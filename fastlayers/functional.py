@@ -36,6 +36,12 @@ def _check_tensor(name, t, optional=False):
 
 def _int_tuple(name, value, n=2, allow_empty=False) -> List[int]:
     """torch's _pair with torch's TypeError for non-integers."""
+    # Fast paths for what modules pass (plain ints, tuples of n ints): the
+    # general checks below cost microseconds per call (ABC isinstance).
+    if type(value) is int:
+        return [value] * n
+    if type(value) in (tuple, list) and len(value) == n and all(type(v) is int for v in value):
+        return list(value)
     if isinstance(value, (bool, str)) or not isinstance(value, (numbers.Integral, tuple, list)):
         if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
             value = int(value)
