@@ -46,7 +46,7 @@ void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col)
               T* d = dst - ow0;
               for (int64_t ow = ow0; ow < a; ++ow) d[ow] = T(0);
               if (s.sW == 1) {
-                for (int64_t ow = a; ow < b; ++ow) d[ow] = xr[ow];
+                if (b > a) std::memcpy(d + a, xr + a, sizeof(T) * (b - a));
               } else {
                 for (int64_t ow = a; ow < b; ++ow) d[ow] = xr[ow * s.sW];
               }
