@@ -73,7 +73,7 @@ KernelSet<T> portable_kernels() {
 KernelSet<float> kernels(Isa isa, float*) {
   static const KernelSet<float> portable = portable_kernels<float>();
   if (isa == Isa::Avx512) { static const KernelSet<float> k = avx512_kernels_f32(); return k; }
-  if (isa == Isa::Avx2) { static const KernelSet<float> k = [] { auto k = avx2_kernels_f32(); if (getenv("GT_MC")) k.MC = atoi(getenv("GT_MC")); if (getenv("GT_KC")) k.KC = atoi(getenv("GT_KC")); if (getenv("GT_NC")) k.NC = atoi(getenv("GT_NC")); return k; }(); return k; }
+  if (isa == Isa::Avx2) { static const KernelSet<float> k = avx2_kernels_f32(); return k; }
   return portable;
 }
 
