@@ -115,6 +115,24 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // ---------------------------------------------------------------------------
+// Packing from a source contiguous along M (A) or N (B), k-th line at
+// src + k * s_k: R-wide slivers, dst[i0 * kc + k * R + r], zero past `len`.
+// k is the outer loop, so the source is read in order and each sliver is
+// written as a sequential stream (a column walk per sliver missed the cache
+// on every k and cost as much as the FMAs).
+template <typename T>
+void pack_k_outer(int64_t kc, int64_t len, const T* src, int64_t s_k, int R, T* dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* sk = src + k * s_k;
+    for (int64_t i0 = 0; i0 < len; i0 += R) {
+      const int n = static_cast<int>(std::min<int64_t>(R, len - i0));
+      T* dk = dst + i0 * kc + k * R;
+      for (int r = 0; r < n; ++r) dk[r] = sk[i0 + r];
+      for (int r = n; r < R; ++r) dk[r] = T(0);
+    }
+  }
+}
+
 // Packing. A block (mc x kc) -> MR-row slivers, dst[ir * kc + k * MR + r];
 // B block (kc x nc) -> NR-column slivers, dst[jr * kc + k * NR + j].
 // Rows / columns past the edge are zero.
@@ -122,20 +140,7 @@ template <typename T>
 void pack_a(const KernelSet<T>& ks, int64_t mc, int64_t kc, const T* A, int64_t rsA, int64_t csA,
             T* dst) {
   const int MR = ks.MR;
-  if (rsA == 1 && csA != 1) {
-    // Columns of A contiguous: walk k outermost so the source is read in
-    // order (a column walk per sliver would miss the cache on every k).
-    for (int64_t k = 0; k < kc; ++k) {
-      const T* sk = A + k * csA;
-      for (int64_t ir = 0; ir < mc; ir += MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
-        T* dk = dst + ir * kc + k * MR;
-        for (int r = 0; r < mr; ++r) dk[r] = sk[ir + r];
-        for (int r = mr; r < MR; ++r) dk[r] = T(0);
-      }
-    }
-    return;
-  }
+  if (rsA == 1 && csA != 1) return pack_k_outer(kc, mc, A, csA, MR, dst);
   for (int64_t ir = 0; ir < mc; ir += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
     const T* s = A + ir * rsA;
@@ -162,21 +167,7 @@ template <typename T>
 void pack_b(const KernelSet<T>& ks, int64_t kc, int64_t nc, const T* B, int64_t rsB, int64_t csB,
             T* dst) {
   const int NR = ks.NR;
-  if (csB == 1) {
-    // Rows of B contiguous: k outermost, so each row is read in order and
-    // each sliver is written as a sequential stream (a column walk per
-    // sliver misses the cache on every k: it cost as much as the FMAs).
-    for (int64_t k = 0; k < kc; ++k) {
-      const T* sk = B + k * rsB;
-      for (int64_t jr = 0; jr < nc; jr += NR) {
-        const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
-        T* dk = dst + jr * kc + k * NR;
-        for (int j = 0; j < nr; ++j) dk[j] = sk[jr + j];
-        for (int j = nr; j < NR; ++j) dk[j] = T(0);
-      }
-    }
-    return;
-  }
+  if (csB == 1) return pack_k_outer(kc, nc, B, rsB, NR, dst);
   for (int64_t jr = 0; jr < nc; jr += NR) {
     const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
     const T* s = B + jr * csB;
