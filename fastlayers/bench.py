@@ -150,7 +150,7 @@ def _step(m, x):
 def peak_step_mb(case_index: int, lib: str, threads: int) -> float:
     """Peak-RSS growth (MiB) of one forward+backward step of a case, measured
     in a fresh process (Linux /proc high-water mark)."""
-    code = ("import sys, torch; from fastlayers.bench import _memprobe; "
+    code = ("from fastlayers.bench import _memprobe; "
             f"print(_memprobe({case_index}, {lib!r}, {threads}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
