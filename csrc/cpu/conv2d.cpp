@@ -14,7 +14,9 @@
 //        grad_input   col          = dY[tile, Kg] . W;    dX += col2im(col)
 //        grad_weight  dW[Kg, RSCg] += dY^T . col
 // where col = im2col(X) over the tile (csrc/cpu/im2col.h). A 1x1 / stride 1 /
-// unpadded conv uses X (or dX) in place of col.
+// unpadded conv uses X (or dX) in place of col. The NCHW forward writes col
+// straight into the GEMM core's packed-B layout (no separate packing pass;
+// the tile's pixel count is then rounded up to the micro-tile width).
 //
 // Workspace: one column buffer per thread of CgRS * tile elements, where
 //   tmax   = max(64, budget / (CgRS * sizeof(T)))
@@ -120,8 +122,11 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   const int64_t tile = pixel_tile(s, sizeof(T), true), ntiles = divup(PQ, tile);
   // NCHW: A = W_g; NHWC: B = W_g^T.
   const PackedWeight<T> wpk(s, s.N * ntiles, !cl, cl, w);
+  // NCHW: im2col writes the GEMM's packed-B layout directly.
+  const cpu::PackedBLayout lay = cpu::gemm_packed_b_layout<T>();
+  const int64_t col_elems = pw ? 0 : cl ? rowlen * tile : cpu::gemm_packed_b_size<T>(rowlen, tile);
   cpu::run_chunks(s.N * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
-    std::vector<T> col(pw ? 0 : rowlen * tile);
+    std::vector<T> col(col_elems);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
       const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
@@ -135,8 +140,8 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
         if (pw) {
           a.B = xg + p0; a.rsB = HW; a.csB = 1;
         } else {
-          cpu::im2col_nchw(s, xg, p0, p1, col.data());
-          a.B = col.data(); a.rsB = pn; a.csB = 1;
+          cpu::im2col_nchw_packed(s, xg, p0, p1, lay, col.data());
+          a.packed_B = col.data();
         }
         a.C = y + (n * s.K + g * s.Kg) * PQ + p0; a.rsC = PQ; a.csC = 1;
         a.bias_m = b ? b + g * s.Kg : nullptr;

@@ -405,6 +405,11 @@ int64_t gemm_packed_b_size(int64_t K, int64_t N) {
   return gemm_detail::round_up(N, ks.NR) * K;
 }
 template <typename T>
+PackedBLayout gemm_packed_b_layout() {
+  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  return {ks.KC, ks.NR};
+}
+template <typename T>
 void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst) {
   gemm_detail::pack_all(true, M, K, A, rsA, csA, dst);
 }
@@ -416,6 +421,8 @@ template int64_t gemm_packed_a_size<float>(int64_t, int64_t);
 template int64_t gemm_packed_a_size<double>(int64_t, int64_t);
 template int64_t gemm_packed_b_size<float>(int64_t, int64_t);
 template int64_t gemm_packed_b_size<double>(int64_t, int64_t);
+template PackedBLayout gemm_packed_b_layout<float>();
+template PackedBLayout gemm_packed_b_layout<double>();
 template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
 template void gemm_pack_b<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);

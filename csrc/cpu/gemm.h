@@ -43,4 +43,16 @@ int64_t gemm_packed_b_size(int64_t K, int64_t N);
 template <typename T>
 void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* dst);
 
+// Where gemm_pack_b puts element (k, j) of a K x N operand, so a producer
+// (im2col) can write B straight into the packed layout: per block of KC rows
+// of K, R-column slivers stored k-major, lanes past N zero:
+//   off(k, j) = (k / KC) * KC * Nr + (j / R) * R * kc + (k % KC) * R + j % R,
+//   Nr = N rounded up to R, kc = min(KC, K - k / KC * KC).
+struct PackedBLayout {
+  int64_t KC;
+  int64_t R;
+};
+template <typename T>
+PackedBLayout gemm_packed_b_layout();
+
 }  // namespace fastlayers::cpu

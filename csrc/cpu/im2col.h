@@ -14,8 +14,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "conv2d.h"
+#include "gemm.h"
 
 namespace fastlayers::cpu {
 
@@ -54,6 +56,87 @@ void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col)
             }
             dst += ow1 - ow0;
             p += ow1 - ow0;
+          }
+        }
+      }
+    }
+  });
+}
+
+// The same columns written straight into the GEMM core's packed-B layout
+// (gemm.h: PackedBLayout; K = Cg*R*S rows, N = p1 - p0 pixels), so the GEMM
+// takes them as packed_B and no separate packing pass reads them again.
+// Buffer: gemm_packed_b_size<T>(Cg*R*S, p1 - p0) elements.
+template <typename T>
+void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
+                        const PackedBLayout& L, T* col) {
+  const int64_t n = p1 - p0, RS = s.RS(), K = s.Cg * RS, R = L.R;
+  const int64_t Nr = (n + R - 1) / R * R;
+  // Which input element (or zero) each lane gets depends on (r, q) and the
+  // pixel, not on the channel: so describe each (r, q) row once as runs that
+  // never cross a sliver, then replay the runs for every channel.
+  struct Run {
+    int64_t sliver, lane, len;
+    int64_t src;  // offset in the channel plane, or -1: zeros
+  };
+  std::vector<Run> runs;
+  std::vector<int64_t> first(RS + 1);
+  const int64_t oh0 = p0 / s.Q, ow00 = p0 % s.Q;
+  for (int64_t r = 0; r < s.R; ++r) {
+    for (int64_t q = 0; q < s.S; ++q) {
+      first[r * s.S + q] = static_cast<int64_t>(runs.size());
+      const int64_t off = q * s.dW - s.pW;
+      int64_t lo, hi;
+      valid_range(off, s.sW, s.W, s.Q, lo, hi);
+      int64_t j = 0;  // pixel index inside the tile
+      auto emit = [&](int64_t len, int64_t src) {  // src advances by sW per lane
+        while (len > 0) {
+          const int64_t lane = j % R, m = std::min(len, R - lane);
+          runs.push_back({j / R, lane, m, src});
+          j += m;
+          len -= m;
+          if (src >= 0) src += m * s.sW;
+        }
+      };
+      for (int64_t p = p0, oh = oh0, ow0 = ow00; p < p1; ++oh, ow0 = 0) {
+        const int64_t ow1 = std::min(s.Q, ow0 + (p1 - p));
+        const int64_t ih = oh * s.sH - s.pH + r * s.dH;
+        if (ih < 0 || ih >= s.H) {
+          emit(ow1 - ow0, -1);
+        } else {
+          const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
+          emit(a - ow0, -1);
+          emit(b - a, ih * s.W + off + a * s.sW);
+          emit(ow1 - b, -1);
+        }
+        p += ow1 - ow0;
+      }
+      emit(Nr - n, -1);  // lanes past the tile
+    }
+  }
+  first[RS] = static_cast<int64_t>(runs.size());
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * n));
+  at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* xc = x + c * s.HW();
+      for (int64_t rq = 0; rq < RS; ++rq) {
+        const int64_t k = c * RS + rq, kb = k / L.KC * L.KC;
+        const int64_t sl = R * std::min(L.KC, K - kb);  // sliver stride
+        T* const row = col + kb * Nr + (k - kb) * R;
+        for (int64_t u = first[rq]; u < first[rq + 1]; ++u) {
+          const Run& e = runs[u];
+          T* d = row + e.sliver * sl + e.lane;
+          if (e.src < 0) {
+            for (int64_t i = 0; i < e.len; ++i) d[i] = T(0);
+          } else if (s.sW == 1) {
+            const T* src = xc + e.src;
+            for (int64_t i = 0; i < e.len; ++i) d[i] = src[i];
+          } else if (s.sW == 2) {  // constant stride: the compiler vectorises the gather
+            const T* src = xc + e.src;
+            for (int64_t i = 0; i < e.len; ++i) d[i] = src[2 * i];
+          } else {
+            const T* src = xc + e.src;
+            for (int64_t i = 0; i < e.len; ++i) d[i] = src[i * s.sW];
           }
         }
       }
