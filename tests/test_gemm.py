@@ -182,6 +182,35 @@ def test_large_threads(isa):
     check(ops.linear_forward(x, w, None), x.double() @ w.double().t(), K)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("la,lb,lc", [("contig", "contig", "contig"), ("t", "sliced", "contig"),
+                                      ("contig", "t", "t")])
+def test_gemm_core_shared_panels(isa, dtype, la, lb, lc):
+    """Large multi-threaded GEMMs pack the A and B panels once, shared by the
+    threads, per K block: ragged M / N edges, several K blocks (the last one
+    short), accumulate and both biases must come out as in a single thread."""
+    if isa == "scalar":
+        M, N, K = 67, 150, 1800  # 1.8e7 multiply-adds: the portable kernel is slow
+    else:
+        M, N, K = 301, 517, 777  # 1.2e8 multiply-adds
+    a, b = layout(randn(M, K, dtype=dtype), la), layout(randn(K, N, dtype=dtype), lb)
+    c0 = randn(M, N, dtype=dtype)
+    bm, bn = randn(M, dtype=dtype), randn(N, dtype=dtype)
+    ref = a.double() @ b.double() + bm.double()[:, None] + bn.double()[None, :]
+    for accumulate in (False, True):
+        c = layout(c0.clone(), lc)
+        gemm_(a, b, c, accumulate, bm, bn)
+        check(c, ref + c0.double() if accumulate else ref, K)
+        nt = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            c1 = layout(c0.clone(), lc)
+            gemm_(a, b, c1, accumulate, bm, bn)
+        finally:
+            torch.set_num_threads(nt)
+        torch.testing.assert_close(c, c1, rtol=0, atol=0)
+
+
 def test_concurrent_calls(isa):
     # calls from several Python threads at once (thread-local packing buffers)
     x, w = randn(64, 80, dtype=torch.float32), randn(50, 80, dtype=torch.float32)

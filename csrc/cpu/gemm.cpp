@@ -275,6 +275,30 @@ void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool p
   }
 }
 
+// Whole-operand packing: per KC block of K, the panels pack_a / pack_b
+// write for the full M (N), so block (pc, i0) of A sits at pc * Mr + i0 * kc
+// (Mr = M rounded up to MR), as gemm_block reads it.
+template <typename T>
+// s_mn / s_k: X's strides along M (or N) and along K.
+void pack_all(bool is_a, int64_t MN, int64_t K, const T* X, int64_t s_mn, int64_t s_k, T* dst) {
+  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  const int64_t R = is_a ? ks.MR : ks.NR, MNr = round_up(MN, R);
+  const int64_t nslab = ceil_div(MN, R), nkb = ceil_div(K, ks.KC);
+  // Items: (K block, group of slivers) pairs, so a short K still splits.
+  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(nslab, 16));
+  const int64_t groups = ceil_div(nslab, per);
+  at::parallel_for(0, nkb * groups, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t pc = (it / groups) * ks.KC, kc = std::min(ks.KC, K - pc);
+      const int64_t r0 = (it % groups) * per * R, rn = std::min(per * R, MN - r0);
+      T* d = dst + pc * MNr + r0 * kc;
+      const T* src = X + r0 * s_mn + pc * s_k;
+      if (is_a) pack_a(ks, rn, kc, src, s_mn, s_k, d);
+      else pack_b(ks, kc, rn, src, s_k, s_mn, d);
+    }
+  });
+}
+
 // K == 0: C = (accumulate ? C : 0) + biases.
 template <typename T>
 void gemm_no_k(const GemmArgs<T>& g) {
@@ -352,39 +376,38 @@ void gemm_impl(GemmArgs<T> g) {
     if (bn >= bm) tn = std::min(nt, bn); else tm = std::min(nt, bm);
   }
   // Block t covers tiles [bm * ti / tm, bm * (ti + 1) / tm) x likewise in N.
-  auto run = [&](int64_t t) {
+  auto run = [&](const GemmArgs<T>& a, bool pa, bool pb, int64_t t) {
     const int64_t ti = t / tn, tj = t % tn;
-    const int64_t m0 = bm * ti / tm * MR, m1 = std::min(g.M, bm * (ti + 1) / tm * MR);
-    const int64_t n0 = bn * tj / tn * NR, n1 = std::min(g.N, bn * (tj + 1) / tn * NR);
-    if (m0 < m1 && n0 < n1) gemm_block(g, ks, packA, packB, m0, m1, n0, n1);
+    const int64_t m0 = bm * ti / tm * MR, m1 = std::min(a.M, bm * (ti + 1) / tm * MR);
+    const int64_t n0 = bn * tj / tn * NR, n1 = std::min(a.N, bn * (tj + 1) / tn * NR);
+    if (m0 < m1 && n0 < n1) gemm_block(a, ks, pa, pb, m0, m1, n0, n1);
   };
-  if (tm * tn == 1) return run(0);
-  at::parallel_for(0, tm * tn, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) run(t);
-  });
-}
-
-// Whole-operand packing: per KC block of K, the panels pack_a / pack_b
-// write for the full M (N), so block (pc, i0) of A sits at pc * Mr + i0 * kc
-// (Mr = M rounded up to MR), as gemm_block reads it.
-template <typename T>
-// s_mn / s_k: X's strides along M (or N) and along K.
-void pack_all(bool is_a, int64_t MN, int64_t K, const T* X, int64_t s_mn, int64_t s_k, T* dst) {
-  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
-  const int64_t R = is_a ? ks.MR : ks.NR, MNr = round_up(MN, R);
-  const int64_t nslab = ceil_div(MN, R), nkb = ceil_div(K, ks.KC);
-  // Items: (K block, group of slivers) pairs, so a short K still splits.
-  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(nslab, 16));
-  const int64_t groups = ceil_div(nslab, per);
-  at::parallel_for(0, nkb * groups, 1, [&](int64_t b, int64_t e) {
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t pc = (it / groups) * ks.KC, kc = std::min(ks.KC, K - pc);
-      const int64_t r0 = (it % groups) * per * R, rn = std::min(per * R, MN - r0);
-      T* d = dst + pc * MNr + r0 * kc;
-      const T* src = X + r0 * s_mn + pc * s_k;
-      if (is_a) pack_a(ks, rn, kc, src, s_mn, s_k, d);
-      else pack_b(ks, kc, rn, src, s_k, s_mn, d);
+  if (tm * tn == 1) return run(g, packA, packB, 0);
+  // Large problems: per KC block of K, the threads first pack the A and B
+  // panels together (each packs a share), then each computes its block of C
+  // from the shared panels. Otherwise every thread would pack the whole
+  // A (or B) panel its block needs, i.e. the same panel once per thread row
+  // (column) of the grid. Workspace: (M + N) * KC elements.
+  if (!prepacked && packA && packB && work >= (int64_t(1) << 24)) {
+    const int64_t Mr = round_up(g.M, MR), Nr = round_up(g.N, NR);
+    std::vector<T> panels(static_cast<size_t>((Mr + Nr) * std::min(ks.KC, g.K)));
+    for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
+      const int64_t kc = std::min(ks.KC, g.K - pc);
+      GemmArgs<T> a = g;
+      a.K = kc;
+      a.packed_A = panels.data();
+      a.packed_B = panels.data() + Mr * kc;
+      pack_all(true, g.M, kc, g.A + pc * g.csA, g.rsA, g.csA, const_cast<T*>(a.packed_A));
+      pack_all(false, g.N, kc, g.B + pc * g.rsB, g.csB, g.rsB, const_cast<T*>(a.packed_B));
+      if (pc > 0) { a.accumulate = true; a.bias_m = nullptr; a.bias_n = nullptr; }
+      at::parallel_for(0, tm * tn, 1, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) run(a, true, true, t);
+      });
     }
+    return;
+  }
+  at::parallel_for(0, tm * tn, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) run(g, packA, packB, t);
   });
 }
 
