@@ -94,7 +94,7 @@ int64_t pixel_tile(const ConvShape& s, int64_t elem_bytes, bool split_for_thread
 // ([Kg, CgRS] or its transpose) or as B; empty when there is one call only.
 template <typename T>
 struct PackedWeight {
-  std::unique_ptr<T[]> buf;
+  cpu::AlignedVector<T> buf;
   int64_t per = 0;  // elements per group
   PackedWeight(const ConvShape& s, int64_t calls, bool as_a, bool transposed, const T* w) {
     if (calls <= 1) return;
@@ -103,14 +103,14 @@ struct PackedWeight {
     const int64_t rows = transposed ? rowlen : s.Kg, cols = transposed ? s.Kg : rowlen;
     const int64_t rs = transposed ? 1 : rowlen, cs = transposed ? rowlen : 1;
     per = as_a ? cpu::gemm_packed_a_size<T>(rows, cols) : cpu::gemm_packed_b_size<T>(rows, cols);
-    buf.reset(new T[per * s.G]);
+    buf.resize(per * s.G);
     for (int64_t g = 0; g < s.G; ++g) {
       const T* wg = w + g * s.Kg * rowlen;
-      if (as_a) cpu::gemm_pack_a<T>(rows, cols, wg, rs, cs, buf.get() + g * per);
-      else cpu::gemm_pack_b<T>(rows, cols, wg, rs, cs, buf.get() + g * per);
+      if (as_a) cpu::gemm_pack_a<T>(rows, cols, wg, rs, cs, buf.data() + g * per);
+      else cpu::gemm_pack_b<T>(rows, cols, wg, rs, cs, buf.data() + g * per);
     }
   }
-  const T* group(int64_t g) const { return buf ? buf.get() + g * per : nullptr; }
+  const T* group(int64_t g) const { return buf.empty() ? nullptr : buf.data() + g * per; }
 };
 
 // ---------------------------------------------------------------- forward
@@ -126,7 +126,7 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   const cpu::PackedBLayout lay = cpu::gemm_packed_b_layout<T>();
   const int64_t col_elems = pw ? 0 : cl ? rowlen * tile : cpu::gemm_packed_b_size<T>(rowlen, tile);
   cpu::run_chunks(s.N * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
-    std::vector<T> col(col_elems);
+    cpu::AlignedVector<T> col(col_elems);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
       const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
@@ -175,7 +175,7 @@ void grad_input_gemm(const ConvShape& s, bool cl, const T* dy, const T* w, T* dx
   // NCHW: A = W_g^T; NHWC: B = W_g.
   const PackedWeight<T> wpk(s, s.N * ntiles, !cl, !cl, w);
   cpu::run_chunks(s.N * s.G, [&](int64_t, int64_t i0, int64_t i1) {
-    std::vector<T> col(pw ? 0 : rowlen * tile);
+    cpu::AlignedVector<T> col(pw ? 0 : rowlen * tile);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t g = i % s.G, n = i / s.G;
       for (int64_t t = 0; t < ntiles; ++t) {
@@ -231,7 +231,7 @@ void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* d
   std::fill(dw, dw + wsize, T(0));
   cpu::run_chunks(items, [&](int64_t c, int64_t i0, int64_t i1) {
     T* acc = c == 0 ? dw : partial.data() + (c - 1) * wsize;
-    std::vector<T> col(pw ? 0 : rowlen * tile);
+    cpu::AlignedVector<T> col(pw ? 0 : rowlen * tile);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
       const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;

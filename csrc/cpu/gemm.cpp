@@ -390,7 +390,7 @@ void gemm_impl(GemmArgs<T> g) {
   // (column) of the grid. Workspace: (M + N) * KC elements.
   if (!prepacked && packA && packB && work >= (int64_t(1) << 24)) {
     const int64_t Mr = round_up(g.M, MR), Nr = round_up(g.N, NR);
-    std::vector<T> panels(static_cast<size_t>((Mr + Nr) * std::min(ks.KC, g.K)));
+    AlignedVector<T> panels(static_cast<size_t>((Mr + Nr) * std::min(ks.KC, g.K)));
     for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
       const int64_t kc = std::min(ks.KC, g.K - pc);
       GemmArgs<T> a = g;

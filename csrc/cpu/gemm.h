@@ -9,8 +9,32 @@
 // it runs on the calling thread.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <vector>
 
 namespace fastlayers::cpu {
+
+// Workspace for packed operands: 64-byte aligned, so every row of a packed
+// B sliver (16 floats with AVX2) is one cache line and no vector load splits
+// a line (std::vector's default allocator only guarantees 16 bytes).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, Aligned64<T>>;
 
 template <typename T>
 struct GemmArgs {
