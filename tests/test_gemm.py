@@ -211,6 +211,25 @@ def test_gemm_core_shared_panels(isa, dtype, la, lb, lc):
         torch.testing.assert_close(c, c1, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("M,N,K", [(5, 6, 9), (6, 100, 33), (16, 17, 40), (64, 256, 784),
+                                   (63, 1000, 300), (64, 65, 257), (40, 96, 1)])
+def test_linear_small_batch_transposed(isa, M, N, K):
+    """Linear forward at batch 5..64 solves C^T = W X^T so the weight is read
+    in place; the AVX2 kernel then stores its tiles transposed (full tiles)
+    and edge tiles go through the scalar epilogue. Bias, ragged edges, and
+    the same bits as the plain path (the products are summed in one order)."""
+    x, w, b = randn(M, K, dtype=torch.float32), randn(N, K, dtype=torch.float32), \
+        randn(N, dtype=torch.float32)
+    y = ops.linear_forward(x, w, b)
+    check(y, x.double() @ w.double().t() + b.double(), K)
+    c = torch.empty(M, N)
+    gemm_(x, w.t().contiguous(), c, False, None, b)  # NN layout: no transposition
+    torch.testing.assert_close(y, c, rtol=0, atol=0)
+    y2 = torch.full((M, N), 1.5)
+    gemm_(x, w.t(), y2, True, None, b)  # accumulate into C on the transposed path
+    check(y2, x.double() @ w.double().t() + b.double() + 1.5, K)
+
+
 def test_concurrent_calls(isa):
     # calls from several Python threads at once (thread-local packing buffers)
     x, w = randn(64, 80, dtype=torch.float32), randn(50, 80, dtype=torch.float32)

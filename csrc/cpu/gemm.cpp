@@ -251,12 +251,15 @@ void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool p
             const T* bm = first && g.bias_m ? g.bias_m + i0 : nullptr;
             const T* bn = first && g.bias_n ? g.bias_n + j0 : nullptr;
             T* c = g.C + i0 * g.rsC + j0 * g.csC;
-            if (mr == MR && nr == NR && g.csC == 1) {
-              t.C = c; t.ldc = g.rsC; t.beta = beta; t.bias_m = bm; t.bias_n = bn;
+            if (mr == MR && nr == NR && (g.csC == 1 || (g.rsC == 1 && ks.store_t))) {
+              t.C = c; t.beta = beta; t.bias_m = bm; t.bias_n = bn;
+              t.c_trans = g.csC != 1;
+              t.ldc = t.c_trans ? g.csC : g.rsC;
               kern(t);
               continue;
             }
             t.C = ctile; t.ldc = NR; t.beta = false; t.bias_m = nullptr; t.bias_n = nullptr;
+            t.c_trans = false;
             kern(t);
             for (int r = 0; r < mr; ++r) {
               T* cr = c + r * g.rsC;
@@ -351,6 +354,20 @@ void gemm_impl(GemmArgs<T> g) {
       ks.dot(part);
     });
     return;
+  }
+
+  // Small M in the "NT" layout (Linear forward at batch 5..4*NR): solve
+  // C^T = B^T A^T instead, so the big operand (the weight, rows contiguous in
+  // K) is read in place by the micro-kernel's broadcasts and only the small
+  // one is packed; the kernels store their tiles transposed into C.
+  if (!prepacked && ks.store_t && g.csA == 1 && g.rsB == 1 && g.csC == 1 && g.M > 4 &&
+      g.M <= 4 * NR && g.N > g.M) {
+    std::swap(g.M, g.N);
+    std::swap(g.A, g.B);
+    const int64_t rsA = g.csB, rsB = 1, csB = g.rsA;  // csA stays 1
+    g.rsA = rsA; g.rsB = rsB; g.csB = csB;
+    std::swap(g.rsC, g.csC);
+    std::swap(g.bias_m, g.bias_n);
   }
 
   // Skip packing an operand that is reused little: A is reused N / NR times,

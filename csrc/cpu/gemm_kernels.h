@@ -10,7 +10,8 @@
 //   C[r * ldc + j] = (beta ? C[r * ldc + j] : 0) + acc(r, j)
 //                    (+ bias_m[r] if bias_m) (+ bias_n[j] if bias_n)
 // Edge tiles and C with a non-unit column stride go through a temporary tile
-// and the driver's scalar epilogue.
+// and the driver's scalar epilogue, except full tiles of a column-major C
+// when the kernels can store transposed (Tile::c_trans, KernelSet::store_t).
 #pragma once
 #include <cstdint>
 
@@ -25,6 +26,9 @@ struct Tile {
   bool beta;
   const T* bias_m;
   const T* bias_n;
+  // Store the tile transposed: acc(r, j) goes to C[r + j * ldc] (only for
+  // full tiles, and only to kernels whose KernelSet says store_t).
+  bool c_trans = false;
 };
 
 template <typename T>
@@ -69,6 +73,7 @@ struct KernelSet {
   MicroKernel<T> packed_a = nullptr;   // A(r, k) = A[r + k * MR] (a_rs, a_ks ignored)
   MicroKernel<T> strided_a = nullptr;  // A with any strides
   PackTransposed<T> pack_t = nullptr;  // may be null
+  bool store_t = false;                // the kernels honour Tile::c_trans
   DotKernel<T> dot = nullptr;          // may be null
 };
 

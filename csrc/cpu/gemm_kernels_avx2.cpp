@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "gemm_kernels.h"
 
@@ -42,6 +43,44 @@ struct F64 {
 };
 
 #define FL_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+// 8x8 transpose of r[0..7] in place (r[i] lane j -> r[j] lane i).
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Transposed store of a 6 x 16 float tile (v[h][r] = row r, lanes 8h..8h+7;
+// biases already added): C[r + j * ldc] (+= when beta) for r < 6, j < 16,
+// as 16 runs of 6 floats (4 + 2).
+inline void store_t_6x16(__m256 (&v)[2][6], float* C, int64_t ldc, bool beta) {
+  for (int h = 0; h < 2; ++h) {
+    __m256 r[8] = {v[h][0], v[h][1], v[h][2], v[h][3], v[h][4], v[h][5],
+                   _mm256_setzero_ps(), _mm256_setzero_ps()};
+    transpose8(r);
+    for (int q = 0; q < 8; ++q) {
+      float* c = C + (8 * h + q) * ldc;
+      __m128 lo = _mm256_castps256_ps128(r[q]);
+      __m128 hi = _mm256_extractf128_ps(r[q], 1);
+      if (beta) {
+        lo = _mm_add_ps(lo, _mm_loadu_ps(c));
+        hi = _mm_add_ps(hi, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(c + 4))));
+      }
+      _mm_storeu_ps(c, lo);
+      _mm_store_sd(reinterpret_cast<double*>(c + 4), _mm_castps_pd(hi));
+    }
+  }
+}
 
 // 6 x (2 * W) tile. kPackedA: A is a packed sliver (compile-time offsets).
 template <class S, bool kPackedA>
@@ -83,6 +122,20 @@ void kernel_6x2(const Tile<typename S::T>& t) {
 
   V bn0 = S::zero(), bn1 = S::zero();
   if (t.bias_n) { bn0 = S::load(t.bias_n); bn1 = S::load(t.bias_n + W); }
+  if constexpr (std::is_same_v<T, float>) {
+    if (t.c_trans) {
+      V v[2][6] = {{c00, c10, c20, c30, c40, c50}, {c01, c11, c21, c31, c41, c51}};
+      for (int r = 0; r < 6; ++r) {
+        if (t.bias_n) { v[0][r] = S::add(v[0][r], bn0); v[1][r] = S::add(v[1][r], bn1); }
+        if (t.bias_m) {
+          const V bm = S::bcast(t.bias_m + r);
+          v[0][r] = S::add(v[0][r], bm); v[1][r] = S::add(v[1][r], bm);
+        }
+      }
+      store_t_6x16(v, C, ldc, t.beta);
+      return;
+    }
+  }
 #define FL_STORE(r)                                                  \
   {                                                                  \
     T* cr = C + (r) * ldc;                                           \
@@ -136,22 +189,9 @@ void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* ds
       if ((k & 15) == 0)
         for (int r = 0; r < rows; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(p[r] + 64), _MM_HINT_T0);
-      __m256 r0 = _mm256_loadu_ps(p[0]), r1 = _mm256_loadu_ps(p[1]);
-      __m256 r2 = _mm256_loadu_ps(p[2]), r3 = _mm256_loadu_ps(p[3]);
-      __m256 r4 = _mm256_loadu_ps(p[4]), r5 = _mm256_loadu_ps(p[5]);
-      __m256 r6 = _mm256_loadu_ps(p[6]), r7 = _mm256_loadu_ps(p[7]);
-      __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-      __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-      __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-      __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-      __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      __m256 o[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
-                     _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
-                     _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
-                     _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      __m256 o[8];
+      for (int r = 0; r < 8; ++r) o[r] = _mm256_loadu_ps(p[r]);
+      transpose8(o);
       float* d = dst + k * nr + 8 * h;
       if (rows == 8) {
         for (int q = 0; q < 8; ++q) _mm256_storeu_ps(d + q * nr, o[q]);
@@ -230,6 +270,7 @@ KernelSet<float> avx2_kernels_f32() {
   s.strided_a = &kernel_6x2<F32, false>;
   s.pack_t = &pack_t_f32_avx2;
   s.dot = &gemm_dot_f32_avx2;
+  s.store_t = true;
   return s;
 }
 
