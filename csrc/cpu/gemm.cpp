@@ -356,12 +356,16 @@ void gemm_impl(GemmArgs<T> g) {
     return;
   }
 
-  // Small M in the "NT" layout (Linear forward at batch 5..4*NR): solve
-  // C^T = B^T A^T instead, so the big operand (the weight, rows contiguous in
-  // K) is read in place by the micro-kernel's broadcasts and only the small
+  // Small M in the "NT" layout (Linear forward at batch 5..8*NR, conv
+  // grad_weight = dY col^T with up to 8*NR output channels): solve
+  // C^T = B^T A^T instead, so the big operand (rows contiguous in K) is read
+  // in place by the micro-kernel's broadcasts, never packed (packing it costs
+  // ~1 cycle per element, against M / 16 cycles of FMAs), and only the small
   // one is packed; the kernels store their tiles transposed into C.
+  bool nt_swap = false;
   if (!prepacked && ks.store_t && g.csA == 1 && g.rsB == 1 && g.csC == 1 && g.M > 4 &&
-      g.M <= 4 * NR && g.N > g.M) {
+      g.M <= 8 * NR && g.N > g.M) {
+    nt_swap = true;
     std::swap(g.M, g.N);
     std::swap(g.A, g.B);
     const int64_t rsA = g.csB, rsB = 1, csB = g.rsA;  // csA stays 1
@@ -372,7 +376,7 @@ void gemm_impl(GemmArgs<T> g) {
 
   // Skip packing an operand that is reused little: A is reused N / NR times,
   // B is reused M / MR times (and can only be read in place with csB == 1).
-  const bool packA = g.packed_A || g.N > 4 * NR;
+  const bool packA = g.packed_A || (!nt_swap && g.N > 4 * NR);
   const bool packB = g.packed_B || !(g.csB == 1 && g.M <= 4 * MR);
 
   // Threads: a tm x tn grid of C blocks (multiples of MR x NR), choosing the
