@@ -479,3 +479,30 @@ def test_pool_k2s2_fast_paths(isa, hw, ceil_mode):
     yt.backward(g)
     yo.backward(g)
     torch.testing.assert_close(xo.grad, xt.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hw", [(112, 112), (17, 16), (16, 17), (15, 33), (9, 40), (3, 15), (5, 64)])
+@pytest.mark.parametrize("case", [(3, 2, 1, 1, False), (3, 2, 1, 1, True), (3, 2, 0, 1, False),
+                                  (3, 2, 0, 1, True), ((2, 3), (1, 2), (1, 1), (2, 1), False),
+                                  ((5, 3), (3, 2), (2, 1), (3, 1), True)], ids=str)
+def test_pool_k3s2_fast_path(isa, hw, case):
+    """3-wide windows with column stride 2 (ResNet's k3 s2 p1) read input rows
+    directly (OW >= 8): values, argmax (ties, -inf, NaN), indices and
+    gradients as torch, padding on both sides, ceil_mode, odd sizes, any
+    window height / row stride / row dilation."""
+    torch.manual_seed(0)
+    h, w = hw
+    x = torch.randn(3, 5, h, w)
+    x[0, 0] = 1.0                                  # ties everywhere: first wins
+    x[0, 1] = float("-inf")                        # all -inf windows
+    x[0, 2, :, :3] = float("-inf")                 # -inf next to the left padding
+    x[1, 0, ::3, ::2] = float("nan")               # NaN wins
+    x[1, 1] = torch.randint(0, 3, (h, w)).float()  # many ties
+    x[1, 2, 1::2, 1::4] = float("nan")             # two NaNs in a window: the last wins
+    x[1, 2, 1::2, 2::4] = float("nan")
+    k, s, p, d, ceil = case
+    try:
+        F.max_pool2d(x, k, s, p, d, ceil)
+    except RuntimeError:
+        pytest.skip("output too small")
+    _check_pool(x, k, s, p, d, ceil)
