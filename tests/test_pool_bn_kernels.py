@@ -506,3 +506,16 @@ def test_pool_k3s2_fast_path(isa, hw, case):
     except RuntimeError:
         pytest.skip("output too small")
     _check_pool(x, k, s, p, d, ceil)
+
+
+@pytest.mark.parametrize("case", [(3, 2, 1, 1, False), (2, 1, 0, 1, True)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_streaming_stores(isa, case, dtype):
+    """Outputs / input gradients of 4 MiB or more are built per plane in a
+    buffer and written with streaming stores (SIMD ISAs): same results."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 64, 100, 112, dtype=dtype)  # k3s2p1 output 4.5 MB with offsets
+    x[0, 0] = 1.0
+    x[1, 1, ::3, ::2] = float("nan")
+    x[2, 2] = float("-inf")
+    _check_pool(x, *case)

@@ -42,6 +42,12 @@ namespace {
 using cpu::PoolPixelArgs;
 using cpu::PoolRowsArgs;
 
+// Outputs this big are written with streaming stores (SIMD ISAs): planes are
+// computed into a thread-local buffer (planes up to kStreamPlaneBytes), then
+// streamed out, so the output is not read from memory before being written.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+constexpr int64_t kStreamPlaneBytes = int64_t(1) << 20;
+
 struct Geom {
   int64_t N, C, H, W, OH, OW;
   int64_t kH, kW, sH, sW, pH, pW, dH, dW;
@@ -341,9 +347,6 @@ bool is_k3s2(const Geom& g) {
   return g.kW == 3 && g.sW == 2 && g.dW == 1 && !g.off32() && g.OW >= 8;
 }
 
-// Outputs this big (values + offsets) are written with streaming stores:
-// each plane is computed into a thread-local buffer, then streamed out.
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g) {
   const float* x = in.const_data_ptr<float>();
@@ -527,9 +530,15 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
     const int64_t HW = g.H * g.W, OH = g.OH, OW = g.OW, sW = g.sW;
     const uint64_t nt = static_cast<uint64_t>(ntaps);
     const int64_t* relp = rel.data();
+    // Big gradients: each plane is built in a thread-local buffer (in cache)
+    // and streamed out, so dx is written once without being read first.
+    const bool stream = cpu::active_isa() != cpu::Isa::Scalar &&
+                        static_cast<int64_t>(gi.nbytes()) >= kStreamBytes &&
+                        HW * static_cast<int64_t>(sizeof(T)) <= kStreamPlaneBytes;
     at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> plane(stream ? HW : 0);
       for (int64_t pl = b; pl < e; ++pl) {
-        T* x = dx + pl * HW;
+        T* x = stream ? plane.data() : dx + pl * HW;
         std::fill(x, x + HW, T(0));
         const T* y = dy + pl * OH * OW;
         const O* o = of + pl * OH * OW;
@@ -544,7 +553,9 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
           scatter_row(x + origin(oh, 0), y, o, w_lo, w_hi, sW, 1, relp, nt);
           for (int64_t ow = w_hi; ow < OW; ++ow) slow(ow);
         }
+        if (stream) cpu::max_pool2d_stream_copy_avx2(dx + pl * HW, x, HW * sizeof(T));
       }
+      if (stream) _mm_sfence();
     });
     return;
   }
