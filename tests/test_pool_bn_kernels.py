@@ -530,3 +530,28 @@ def test_pool_streaming_stores(isa, case, dtype):
     x[1, 1, ::3, ::2] = float("nan")
     x[2, 2] = float("-inf")
     _check_pool(x, *case)
+
+
+@pytest.mark.parametrize("hw,p", [((40, 50), 1), ((9, 37), 0), ((1, 40), 1)])
+def test_pool_k3s2_backward_any_offsets(isa, hw, p):
+    """The k3 s2 backward adds grad_output at whatever offset it is given,
+    ignores offsets naming no window position inside the input (garbage,
+    padding), and matches a plain reference."""
+    torch.manual_seed(0)
+    h, w = hw
+    oh, ow = (h + 2 * p - 3) // 2 + 1, (w + 2 * p - 3) // 2 + 1
+    off = torch.randint(0, 12, (2, 3, oh, ow), dtype=torch.uint8)  # 9..11 invalid
+    go = torch.randn(2, 3, oh, ow)
+    gi = ops.max_pool2d_backward(go, off, [2, 3, h, w], [3, 3], [2, 2], [p, p], [1, 1], False)
+    ref = torch.zeros(2, 3, h, w, dtype=torch.float64)
+    o, g = off.long(), go.double()
+    for i in range(oh):
+        for j in range(ow):
+            t = o[:, :, i, j]
+            ih, iw = 2 * i - p + t // 3, 2 * j - p + t % 3
+            ok = (t < 9) & (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+            for n in range(2):
+                for c in range(3):
+                    if ok[n, c]:
+                        ref[n, c, ih[n, c], iw[n, c]] += g[n, c, i, j]
+    torch.testing.assert_close(gi, ref.float(), rtol=1e-6, atol=1e-6)
