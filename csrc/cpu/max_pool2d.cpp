@@ -8,6 +8,9 @@
 // when (v > max) || isnan(v) (first max wins ties, the last NaN wins).
 //   NCHW, float, SIMD: a band of input rows is copied into a buffer padded
 //     with -inf, then SIMD across output columns (max_pool2d_simd.h).
+//   NCHW, float, SIMD, 2x2 / stride 2 and 3-wide / column stride 2 windows
+//     (LeNet's k2, ResNet's k3 s2 p1): row kernels read the input rows
+//     directly; big outputs are streamed out (kStreamBytes).
 //   channels-last, float, SIMD: per output pixel, SIMD across channels.
 //   scalar path (ISA "scalar" and float64): the plain loop below.
 // A window with no element inside the input (possible with dilation, e.g.
@@ -18,7 +21,8 @@
 //
 // Backward: grad_input = 0, then each grad_output is added at its argmax.
 // Deterministic without atomics: one thread owns each (n, c) plane (NCHW) or
-// each (n, channel block) (channels-last) and walks it in order.
+// each (n, channel block) (channels-last) and walks it in order. Big NCHW
+// gradients are built per plane in a buffer and streamed out.
 #include <ATen/ATen.h>
 #include <immintrin.h>
 #include <ATen/Parallel.h>
