@@ -85,6 +85,9 @@ class MaxPool2dFunction(torch.autograd.Function):
         out, offsets = ops.max_pool2d_forward(input, kernel_size, stride, padding, dilation,
                                               ceil_mode)
         ctx.mark_non_differentiable(offsets)
+        # No zero gradient for the offsets output (autograd would otherwise
+        # allocate and fill one every backward; it is never read).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(offsets)
         ctx.conf = (list(input.shape), kernel_size, stride, padding, dilation,
                     input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)
@@ -94,6 +97,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_offsets):
         _no_double_backward("max_pool2d")
+        if grad_output is None:  # output unused: no gradient flows
+            return None, None, None, None, None, None
         (offsets,) = ctx.saved_tensors
         size, k, s, p, d, channels_last = ctx.conf
         gi = ops.max_pool2d_backward(grad_output, offsets, size, k, s, p, d, channels_last)

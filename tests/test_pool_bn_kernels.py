@@ -479,3 +479,79 @@ def test_pool_k2s2_fast_paths(isa, hw, ceil_mode):
     yt.backward(g)
     yo.backward(g)
     torch.testing.assert_close(xo.grad, xt.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hw", [(112, 112), (17, 16), (16, 17), (15, 33), (9, 40), (3, 15), (5, 64),
+                                (1, 20)])
+@pytest.mark.parametrize("case", [(3, 2, 1, 1, False), (3, 2, 1, 1, True), (3, 2, 0, 1, False),
+                                  (3, 2, 0, 1, True), ((2, 3), (1, 2), (1, 1), (2, 1), False),
+                                  ((5, 3), (3, 2), (2, 1), (3, 1), True)], ids=str)
+def test_pool_k3s2_fast_path(isa, hw, case):
+    """3-wide windows with column stride 2 (ResNet's k3 s2 p1) read input rows
+    directly (OW >= 8): values, argmax (ties, -inf, NaN), indices and
+    gradients as torch, padding on both sides, ceil_mode, odd sizes, any
+    window height / row stride / row dilation."""
+    torch.manual_seed(0)
+    h, w = hw
+    x = torch.randn(3, 5, h, w)
+    x[0, 0] = 1.0                                  # ties everywhere: first wins
+    x[0, 1] = float("-inf")                        # all -inf windows
+    x[0, 2, :, :3] = float("-inf")                 # -inf next to the left padding
+    x[1, 0, ::3, ::2] = float("nan")               # NaN wins
+    x[1, 1] = torch.randint(0, 3, (h, w)).float()  # many ties
+    x[1, 2, 1::2, 1::4] = float("nan")             # two NaNs in a window: the last wins
+    x[1, 2, 1::2, 2::4] = float("nan")
+    k, s, p, d, ceil = case
+    try:
+        oh = F.max_pool2d(x, k, s, p, d, ceil).shape[2]
+    except RuntimeError:
+        pytest.skip("output too small")
+    kh, sh, ph, dh = _pair(k)[0], _pair(s)[0], _pair(p)[0], _pair(d)[0]
+    empty_rows = [all(not 0 <= o * sh - ph + i * dh < h for i in range(kh)) for o in range(oh)]
+    empty = any(empty_rows)
+    # torch's backward writes out of bounds for windows with no element in
+    # the input; there ours sends no gradient (test_pool_empty_window).
+    _check_pool(x, k, s, p, d, ceil, grad=not empty)
+    if empty and all(empty_rows):  # no window has an element: no gradient at all
+        _, off, _ = _pool(x, k, s, p, d, ceil)
+        gi = ops.max_pool2d_backward(torch.ones(off.shape), off, list(x.shape), _pair(k),
+                                     _pair(s), _pair(p), _pair(d), False)
+        assert torch.equal(gi, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("case", [(3, 2, 1, 1, False), (2, 1, 0, 1, True)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_streaming_stores(isa, case, dtype):
+    """Outputs / input gradients of 4 MiB or more are built per plane in a
+    buffer and written with streaming stores (SIMD ISAs): same results."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 64, 100, 112, dtype=dtype)  # k3s2p1 output 4.5 MB with offsets
+    x[0, 0] = 1.0
+    x[1, 1, ::3, ::2] = float("nan")
+    x[2, 2] = float("-inf")
+    _check_pool(x, *case)
+
+
+@pytest.mark.parametrize("hw,p", [((40, 50), 1), ((9, 37), 0), ((1, 40), 1)])
+def test_pool_k3s2_backward_any_offsets(isa, hw, p):
+    """The k3 s2 backward adds grad_output at whatever offset it is given,
+    ignores offsets naming no window position inside the input (garbage,
+    padding), and matches a plain reference."""
+    torch.manual_seed(0)
+    h, w = hw
+    oh, ow = (h + 2 * p - 3) // 2 + 1, (w + 2 * p - 3) // 2 + 1
+    off = torch.randint(0, 12, (2, 3, oh, ow), dtype=torch.uint8)  # 9..11 invalid
+    go = torch.randn(2, 3, oh, ow)
+    gi = ops.max_pool2d_backward(go, off, [2, 3, h, w], [3, 3], [2, 2], [p, p], [1, 1], False)
+    ref = torch.zeros(2, 3, h, w, dtype=torch.float64)
+    o, g = off.long(), go.double()
+    for i in range(oh):
+        for j in range(ow):
+            t = o[:, :, i, j]
+            ih, iw = 2 * i - p + t // 3, 2 * j - p + t % 3
+            ok = (t < 9) & (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+            for n in range(2):
+                for c in range(3):
+                    if ok[n, c]:
+                        ref[n, c, ih[n, c], iw[n, c]] += g[n, c, i, j]
+    torch.testing.assert_close(gi, ref.float(), rtol=1e-6, atol=1e-6)

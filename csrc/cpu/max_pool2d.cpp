@@ -8,6 +8,9 @@
 // when (v > max) || isnan(v) (first max wins ties, the last NaN wins).
 //   NCHW, float, SIMD: a band of input rows is copied into a buffer padded
 //     with -inf, then SIMD across output columns (max_pool2d_simd.h).
+//   NCHW, float, SIMD, 2x2 / stride 2 and 3-wide / column stride 2 windows
+//     (LeNet's k2, ResNet's k3 s2 p1): row kernels read the input rows
+//     directly; big outputs are streamed out (kStreamBytes).
 //   channels-last, float, SIMD: per output pixel, SIMD across channels.
 //   scalar path (ISA "scalar" and float64): the plain loop below.
 // A window with no element inside the input (possible with dilation, e.g.
@@ -18,8 +21,10 @@
 //
 // Backward: grad_input = 0, then each grad_output is added at its argmax.
 // Deterministic without atomics: one thread owns each (n, c) plane (NCHW) or
-// each (n, channel block) (channels-last) and walks it in order.
+// each (n, channel block) (channels-last) and walks it in order. Big NCHW
+// gradients are built per plane in a buffer and streamed out.
 #include <ATen/ATen.h>
+#include <immintrin.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -40,6 +45,12 @@ namespace {
 
 using cpu::PoolPixelArgs;
 using cpu::PoolRowsArgs;
+
+// Outputs this big are written with streaming stores (SIMD ISAs): planes are
+// computed into a thread-local buffer (planes up to kStreamPlaneBytes), then
+// streamed out, so the output is not read from memory before being written.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+constexpr int64_t kStreamPlaneBytes = int64_t(1) << 20;
 
 struct Geom {
   int64_t N, C, H, W, OH, OW;
@@ -333,6 +344,57 @@ void forward_k2s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
   });
 }
 
+// 3-wide window, column stride 2, no column dilation (ResNet's stem pool
+// k3 s2 p1 and the like), any kH / sH / dH, uint8 offsets: read the input
+// rows directly (no band copy), rows outside the input are skipped.
+bool is_k3s2(const Geom& g) {
+  return g.kW == 3 && g.sW == 2 && g.dW == 1 && !g.off32() && g.OW >= 8;
+}
+
+
+void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g) {
+  const float* x = in.const_data_ptr<float>();
+  float* y = out.mutable_data_ptr<float>();
+  uint8_t* o = static_cast<uint8_t*>(off.mutable_data_ptr());
+  const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW, P = OH * OW;
+  const bool nt = out.numel() * 5 >= kStreamBytes;
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+    std::vector<const float*> rows(g.kH);
+    std::vector<int32_t> kh(g.kH);
+    std::vector<float> ybuf(nt ? P : 0);
+    std::vector<uint8_t> obuf(nt ? P : 0);
+    for (int64_t pl = b; pl < e; ++pl) {
+      float* yp = nt ? ybuf.data() : y + pl * P;
+      uint8_t* op = nt ? obuf.data() : o + pl * P;
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        int64_t n = 0;
+        for (int64_t k = 0; k < g.kH; ++k) {
+          const int64_t ih = oh * g.sH - g.pH + k * g.dH;
+          if (ih < 0 || ih >= H) continue;
+          rows[n] = x + (pl * H + ih) * W;
+          kh[n++] = static_cast<int32_t>(k);
+        }
+        float* yr = yp + oh * OW;
+        uint8_t* orow = op + oh * OW;
+        if (n == 0) {  // window rows all outside the input (dilation): torch's -inf, offset
+          const int32_t t = static_cast<int32_t>(first_k(oh * g.sH - g.pH, g.dH) * g.kW);
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            yr[ow] = -std::numeric_limits<float>::infinity();
+            orow[ow] = static_cast<uint8_t>(t + first_k(ow * g.sW - g.pW, g.dW));
+          }
+          continue;
+        }
+        cpu::max_pool2d_fwd_k3s2_row_avx2(rows.data(), kh.data(), n, W, g.pW, OW, yr, orow);
+      }
+      if (nt) {
+        cpu::max_pool2d_stream_copy_avx2(y + pl * P, yp, P * 4);
+        cpu::max_pool2d_stream_copy_avx2(o + pl * P, op, P);
+      }
+    }
+    if (nt) _mm_sfence();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
                                                       at::IntArrayRef k, at::IntArrayRef s,
                                                       at::IntArrayRef p, at::IntArrayRef d,
@@ -363,6 +425,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
       else if (std::is_same_v<scalar_t, float> && isa != cpu::Isa::Scalar && is_k2s2(g) &&
                g.OW >= 8)
         forward_k2s2_nchw(input, out, off, g);
+      else if (std::is_same_v<scalar_t, float> && isa != cpu::Isa::Scalar && is_k3s2(g))
+        forward_k3s2_nchw(input, out, off, g);
       else if (std::is_same_v<scalar_t, float> && isa != cpu::Isa::Scalar)
         forward_nchw_simd(input, out, off, g, isa);
       else forward_nchw_scalar<scalar_t, O>(input, out, off, g);
@@ -470,9 +534,15 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
     const int64_t HW = g.H * g.W, OH = g.OH, OW = g.OW, sW = g.sW;
     const uint64_t nt = static_cast<uint64_t>(ntaps);
     const int64_t* relp = rel.data();
+    // Big gradients: each plane is built in a thread-local buffer (in cache)
+    // and streamed out, so dx is written once without being read first.
+    const bool stream = cpu::active_isa() != cpu::Isa::Scalar &&
+                        static_cast<int64_t>(gi.nbytes()) >= kStreamBytes &&
+                        HW * static_cast<int64_t>(sizeof(T)) <= kStreamPlaneBytes;
     at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> plane(stream ? HW : 0);
       for (int64_t pl = b; pl < e; ++pl) {
-        T* x = dx + pl * HW;
+        T* x = stream ? plane.data() : dx + pl * HW;
         std::fill(x, x + HW, T(0));
         const T* y = dy + pl * OH * OW;
         const O* o = of + pl * OH * OW;
@@ -487,7 +557,9 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
           scatter_row(x + origin(oh, 0), y, o, w_lo, w_hi, sW, 1, relp, nt);
           for (int64_t ow = w_hi; ow < OW; ++ow) slow(ow);
         }
+        if (stream) cpu::max_pool2d_stream_copy_avx2(dx + pl * HW, x, HW * sizeof(T));
       }
+      if (stream) _mm_sfence();
     });
     return;
   }
