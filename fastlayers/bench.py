@@ -44,14 +44,22 @@ class Case:
     tags: List[str] = field(default_factory=list)
 
 
-def _conv_flops(n, c, h, w, k, r, s, stride=1, pad=0, groups=1):
-    p = (h + 2 * pad - r) // stride + 1
-    q = (w + 2 * pad - s) // stride + 1
+def _conv_flops(n, c, h, w, k, r, s, stride=1, pad=0, groups=1, dil=1):
+    p = (h + 2 * pad - dil * (r - 1) - 1) // stride + 1
+    q = (w + 2 * pad - dil * (s - 1) - 1) // stride + 1
     return 2.0 * n * k * p * q * (c // groups) * r * s
 
 
-def _pool_bytes(n, c, h, w, k, s, p):
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+def _pool_out(h, k, s, p, dil=1, ceil=False):
+    span = h + 2 * p - dil * (k - 1) - 1
+    o = (span + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (o - 1) * s >= h + p:  # the last window must start inside the input
+        o -= 1
+    return o
+
+
+def _pool_bytes(n, c, h, w, k, s, p, dil=1, ceil=False):
+    oh, ow = _pool_out(h, k, s, p, dil, ceil), _pool_out(w, k, s, p, dil, ceil)
     inp, out = n * c * h * w * F32, n * c * oh * ow * F32
     # fwd: read x, write y and uint8 offsets; bwd: read dy + offsets, write dx
     return inp + out + out / 4, out + out / 4 + inp
@@ -101,6 +109,49 @@ def suite() -> List[Case]:
     return cases
 
 
+def odd_suite() -> List[Case]:
+    """Unusual shapes (`--suite odd`): batch 1, odd sizes and channel counts,
+    3-D Linear input, strided, dilated, grouped and 1x1 convs, ceil_mode and
+    dilated pooling. The issues ask that none fall off a cliff."""
+    L, C, P, B = "linear", "conv", "pool", "bn"
+    return [
+        Case("Linear batch 1 1x784->256", L, lambda ns: ns.Linear(784, 256), (1, 784),
+             2.0 * 784 * 256),
+        Case("Linear 3-D 8x50x300->200", L, lambda ns: ns.Linear(300, 200), (8, 50, 300),
+             2.0 * 400 * 300 * 200),
+        Case("Linear odd 37x129->77", L, lambda ns: ns.Linear(129, 77), (37, 129),
+             2.0 * 37 * 129 * 77),
+        Case("Conv batch 1 1x64x56x56 k3p1 ->64", C, lambda ns: ns.Conv2d(64, 64, 3, padding=1),
+             (1, 64, 56, 56), _conv_flops(1, 64, 56, 56, 64, 3, 3, 1, 1)),
+        Case("Conv odd 8x3x33x33 k3 ->17", C, lambda ns: ns.Conv2d(3, 17, 3), (8, 3, 33, 33),
+             _conv_flops(8, 3, 33, 33, 17, 3, 3)),
+        Case("Conv strided 16x32x28x28 k3s2p1 ->64", C,
+             lambda ns: ns.Conv2d(32, 64, 3, stride=2, padding=1), (16, 32, 28, 28),
+             _conv_flops(16, 32, 28, 28, 64, 3, 3, 2, 1)),
+        Case("Conv dilated 8x32x28x28 k3d2p2 ->32", C,
+             lambda ns: ns.Conv2d(32, 32, 3, padding=2, dilation=2), (8, 32, 28, 28),
+             _conv_flops(8, 32, 28, 28, 32, 3, 3, 1, 2, dil=2)),
+        Case("Conv grouped 8x64x28x28 k3p1 g4 ->64", C,
+             lambda ns: ns.Conv2d(64, 64, 3, padding=1, groups=4), (8, 64, 28, 28),
+             _conv_flops(8, 64, 28, 28, 64, 3, 3, 1, 1, groups=4)),
+        Case("Conv 1x1 32x64x28x28 ->128", C, lambda ns: ns.Conv2d(64, 128, 1), (32, 64, 28, 28),
+             _conv_flops(32, 64, 28, 28, 128, 1, 1)),
+        Case("MaxPool odd 7x5x31x29 k3s2 ceil", P, lambda ns: ns.MaxPool2d(3, 2, ceil_mode=True),
+             (7, 5, 31, 29), 0, *_pool_bytes(7, 5, 31, 29, 3, 2, 0, ceil=True)),
+        Case("MaxPool dilated 8x16x32x32 k3d2", P, lambda ns: ns.MaxPool2d(3, 1, dilation=2),
+             (8, 16, 32, 32), 0, *_pool_bytes(8, 16, 32, 32, 3, 1, 0, dil=2)),
+        Case("MaxPool batch 1 1x64x112x112 k3s2p1", P, lambda ns: ns.MaxPool2d(3, 2, 1),
+             (1, 64, 112, 112), 0, *_pool_bytes(1, 64, 112, 112, 3, 2, 1)),
+        Case("BatchNorm2d batch 1 1x64x56x56", B, lambda ns: ns.BatchNorm2d(64), (1, 64, 56, 56),
+             0, *_bn_bytes((1, 64, 56, 56))),
+        Case("BatchNorm2d odd 5x13x17x19", B, lambda ns: ns.BatchNorm2d(13), (5, 13, 17, 19),
+             0, *_bn_bytes((5, 13, 17, 19))),
+    ]
+
+
+SUITES = {"main": suite, "odd": odd_suite}
+
+
 # ------------------------------------------------------------------ measuring
 def measure_dram_gbs(mb=512, reps=5) -> float:
     """Copy bandwidth (bytes read + written) of a large torch copy, GB/s."""
@@ -147,20 +198,20 @@ def _step(m, x):
     y.backward(torch.ones_like(y))
 
 
-def peak_step_mb(case_index: int, lib: str, threads: int) -> float:
+def peak_step_mb(case_index: int, lib: str, threads: int, suite_name: str = "main") -> float:
     """Peak-RSS growth (MiB) of one forward+backward step of a case, measured
     in a fresh process (Linux /proc high-water mark)."""
     code = ("from fastlayers.bench import _memprobe; "
-            f"print(_memprobe({case_index}, {lib!r}, {threads}))")
+            f"print(_memprobe({case_index}, {lib!r}, {threads}, {suite_name!r}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"memory probe failed: {r.stderr[-2000:]}")
     return float(r.stdout.strip().splitlines()[-1])
 
 
-def _memprobe(case_index: int, lib: str, threads: int) -> float:
+def _memprobe(case_index: int, lib: str, threads: int, suite_name: str = "main") -> float:
     torch.set_num_threads(threads)
-    case = suite()[case_index]
+    case = SUITES[suite_name]()[case_index]
     torch.manual_seed(0)
     m = case.make(torch.nn if lib == "torch" else fastlayers)
     x = torch.randn(case.shape).requires_grad_(True)
@@ -206,7 +257,7 @@ def time_pair(f_torch, f_ours, min_reps=5, budget_s=1.0, warmup=2):
     return statistics.median(tt), statistics.median(to)
 
 
-def run_case(case: Case, budget_s=1.0, min_reps=5, memory=True):
+def run_case(case: Case, budget_s=1.0, min_reps=5, memory=True, suite_name="main"):
     torch.manual_seed(0)
     ref = case.make(torch.nn)
     ours = case.make(fastlayers)
@@ -255,10 +306,10 @@ def run_case(case: Case, budget_s=1.0, min_reps=5, memory=True):
         row["torch_saved_bytes"] = saved_bytes(ref, x)
         row["ours_saved_bytes"] = saved_bytes(ours, x)
         if memory:
-            idx = [c.name for c in suite()].index(case.name)
+            idx = [c.name for c in SUITES[suite_name]()].index(case.name)
             nt = torch.get_num_threads()
-            row["torch_peak_mb"] = peak_step_mb(idx, "torch", nt)
-            row["ours_peak_mb"] = peak_step_mb(idx, "ours", nt)
+            row["torch_peak_mb"] = peak_step_mb(idx, "torch", nt, suite_name)
+            row["ours_peak_mb"] = peak_step_mb(idx, "ours", nt, suite_name)
     return row
 
 
@@ -311,6 +362,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastlayers bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="", help="comma-separated substrings selecting cases")
+    ap.add_argument("--suite", default="main", choices=sorted(SUITES),
+                    help="main: the issues' cases; odd: unusual shapes (batch 1, odd sizes, "
+                         "3-D Linear input, strided / dilated / grouped / 1x1 convs, ceil_mode)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per timing series")
     ap.add_argument("--min-reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
@@ -324,7 +378,7 @@ def main(argv=None):
     if args.quick:
         args.budget, args.min_reps = 0.05, 2
     sel = [s.strip().lower() for s in args.cases.split(",") if s.strip()]
-    cases = [c for c in suite() if not sel or any(s in c.name.lower() for s in sel)]
+    cases = [c for c in SUITES[args.suite]() if not sel or any(s in c.name.lower() for s in sel)]
 
     peak = measure_fma_peak()
     dram = measure_dram_gbs()
@@ -335,7 +389,8 @@ def main(argv=None):
           if peak else f"roofline: DRAM copy {dram:.1f} GB/s (no FMA path)")
     rows = []
     for c in cases:
-        r = run_case(c, args.budget, args.min_reps, memory=not args.no_memory)
+        r = run_case(c, args.budget, args.min_reps, memory=not args.no_memory,
+                     suite_name=args.suite)
         rows.append(r)
         print(f"  {c.name}: fwd {r['speedup_fwd']:.2f}x"
               + (f", fwd+bwd {r['speedup_fwdbwd']:.2f}x" if "speedup_fwdbwd" in r else ""), flush=True)

@@ -28,3 +28,33 @@ def test_peak_memory_probe_sees_the_step():
     mib = 32 * 64 * 32 * 32 * 4 / 2 ** 20  # 8 MiB per tensor of that shape
     for lib in ("torch", "ours"):
         assert peak_step_mb(i, lib, 1) >= 1.5 * mib
+
+
+def test_odd_suite_cases_build_and_match_torch():
+    """Every case of `--suite odd` builds with both libraries, and the two
+    modules give the same output on the case's input (so its timings compare
+    like with like); the pool byte counts follow torch's output sizes."""
+    import torch
+
+    import fastlayers
+    from fastlayers.bench import _pool_out, odd_suite
+    for case in odd_suite():
+        torch.manual_seed(0)
+        ref = case.make(torch.nn)
+        ours = case.make(fastlayers)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(case.shape)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+        assert case.flops > 0 or case.bytes_fwd > 0, case.name
+    m = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
+    assert m(torch.zeros(1, 1, 31, 29)).shape[-2:] == (_pool_out(31, 3, 2, 0, ceil=True),
+                                                      _pool_out(29, 3, 2, 0, ceil=True))
+
+
+def test_bench_cli_odd_suite(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fastlayers", "bench", "--quick", "--no-memory",
+                        "--suite", "odd", "--cases", "3-D,ceil", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    names = [r["case"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]]
+    assert names == ["Linear 3-D 8x50x300->200", "MaxPool odd 7x5x31x29 k3s2 ceil"]
