@@ -122,6 +122,15 @@ struct Layout {
   int64_t seg_len(int64_t i) const { return std::min(kSegChunk, L - (i % nch) * kSegChunk); }
   int64_t blk_rows(int64_t b) const { return std::min(rb, M - b * rb); }
   int64_t seg_item(int64_t n, int64_t c, int64_t j) const { return (n * C + c) * nch + j; }
+  // The s-th item (s = n * nch + j) of channel c: offset and length, without
+  // a division in the common nch == 1 case (short runs: per item overhead).
+  int64_t chan_off(int64_t c, int64_t s) const {
+    if (nch == 1) return (s * C + c) * L;
+    return ((s / nch) * C + c) * L + (s % nch) * kSegChunk;
+  }
+  int64_t chan_len(int64_t s) const {
+    return nch == 1 ? L : std::min(kSegChunk, L - (s % nch) * kSegChunk);
+  }
   // seg layout with enough channels for every thread: channel-fused passes
   bool fused() const { return !rows && C >= 2 * static_cast<int64_t>(at::get_num_threads()); }
 };
@@ -229,9 +238,8 @@ constexpr int64_t kPrefetchBytes = 2048;
 template <typename T>
 void prefetch_chunk(const Layout& g, const T* p, int64_t c, int64_t s) {
   if (s >= g.N * g.nch) return;
-  const int64_t i = g.seg_item(s / g.nch, c, s % g.nch);
-  const char* q = reinterpret_cast<const char*>(p + g.seg_off(i));
-  const int64_t bytes = std::min<int64_t>(g.seg_len(i) * sizeof(T), kPrefetchBytes);
+  const char* q = reinterpret_cast<const char*>(p + g.chan_off(c, s));
+  const int64_t bytes = std::min<int64_t>(g.chan_len(s) * sizeof(T), kPrefetchBytes);
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b);
 }
 
@@ -243,10 +251,10 @@ void seg_channel_stats(const Layout& g, const cpu::BnKernels<T>& k, const T* x, 
   for (int64_t s = 0; s < kAhead; ++s) prefetch_chunk(g, x, c, s);
   for (int64_t s = 0; s < g.N * g.nch; ++s) {  // s = n * nch + j
     prefetch_chunk(g, x, c, s + kAhead);
-    const int64_t i = g.seg_item(s / g.nch, c, s % g.nch);
+    const int64_t n = g.chan_len(s);
     double bm, bq;
-    k.seg_stats(x + g.seg_off(i), g.seg_len(i), &bm, &bq);
-    mo.add(static_cast<double>(g.seg_len(i)), bm, bq);
+    k.seg_stats(x + g.chan_off(c, s), n, &bm, &bq);
+    mo.add(static_cast<double>(n), bm, bq);
   }
   *mean = mo.mu;
   *m2 = mo.q;
@@ -330,11 +338,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
           seg_channel_stats<T>(g, k, x, c, &mean[c], &m2[c]);
           coef(c);
           const Affine<T> f(mean[c], a[c], b[c]);
-          for (int64_t n = g.N - 1; n >= 0; --n)  // backwards: latest in cache first
-            for (int64_t j = g.nch - 1; j >= 0; --j) {
-              const int64_t o = g.seg_off(g.seg_item(n, c, j));
-              k.seg_affine(x + o, g.seg_len(g.seg_item(n, c, j)), f.mh, f.ml, f.a, f.b, y + o, nt);
-            }
+          for (int64_t s = g.N * g.nch - 1; s >= 0; --s) {  // backwards: latest in cache first
+            const int64_t o = g.chan_off(c, s);
+            k.seg_affine(x + o, g.chan_len(s), f.mh, f.ml, f.a, f.b, y + o, nt);
+          }
         }
         store_fence();
       });
@@ -446,9 +453,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       for (int64_t s = 0; s < g.N * g.nch; ++s) {  // s = n * nch + j
         prefetch_chunk(g, dy, c, s + kAhead);
         prefetch_chunk(g, x, c, s + kAhead);
-        const int64_t i = g.seg_item(s / g.nch, c, s % g.nch), o = g.seg_off(i);
+        const int64_t o = g.chan_off(c, s);
         double p1, p2;
-        k.seg_bwd_reduce(dy + o, x + o, g.seg_len(i), tm[c], &p1, &p2);
+        k.seg_bwd_reduce(dy + o, x + o, g.chan_len(s), tm[c], &p1, &p2);
         s1 += p1;
         s2 += p2;
       }
@@ -466,12 +473,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
         for (int64_t c = c0; c < c1; ++c) {
           seg_channel_reduce(c);
           coef(c);
-          for (int64_t n = g.N - 1; n >= 0; --n)  // backwards: latest in cache first
-            for (int64_t j = g.nch - 1; j >= 0; --j) {
-              const int64_t i = g.seg_item(n, c, j), o = g.seg_off(i);
-              k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.seg_len(i), tm[c], ta[c], tb[c],
-                              tk[c], dx + o, nt);
-            }
+          for (int64_t s = g.N * g.nch - 1; s >= 0; --s) {  // backwards: latest in cache first
+            const int64_t o = g.chan_off(c, s);
+            k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.chan_len(s), tm[c], ta[c], tb[c],
+                            tk[c], dx + o, nt);
+          }
         }
         store_fence();
       });
