@@ -27,6 +27,8 @@
 //   channel's data (N * L values; 128 KB to 1.5 MB in common nets) is still
 //   in cache: x (and dy) come from DRAM once. The chunks and the merge order
 //   are those of the two-pass path, so both give bitwise the same results.
+//   Short runs (e.g. 14x14): a group of consecutive channels at a time, so
+//   each image's part is one contiguous run (kGroupValues).
 // - two-pass (few channels, rows layout): the second pass walks each
 //   thread's items backwards (kReverse), starting on the data the reduction
 //   pass touched last, still in cache when the tensor is larger than it.
@@ -245,7 +247,7 @@ void affine_pass(const Layout& g, const std::vector<double>& mean, const std::ve
 // prefetcher misses the start of each, short runs (e.g. 14x14) entirely, so
 // a reduction over a channel prefetches the start of the chunk kAhead later.
 constexpr int64_t kAhead = 4;
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kPrefetchBytes = 4096;  // a 32x32 plane of float
 
 template <typename T>
 void prefetch_chunk(const Layout& g, const T* p, int64_t c, int64_t s) {
