@@ -408,10 +408,12 @@ def test_bn_channel_fused_equals_two_pass():
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 257, 263), (4, 64, 64, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 257, 263), (4, 64, 64, 64), (48, 150, 13, 13)], ids=str)
 def test_bn_streaming_stores(isa, shape):
     """Outputs >= 4 MiB are written with streaming stores (whole cache lines,
-    plain stores at unaligned chunk edges): against float64 torch."""
+    plain stores at unaligned chunk edges): against float64 torch. 13x13
+    planes: channel groups (a partial one at the end of each thread's range)
+    streamed out through a buffer."""
     torch.manual_seed(2)
     x = torch.randn(shape) * 3 + 1
     go = torch.randn(shape)

@@ -27,6 +27,8 @@
 //   channel's data (N * L values; 128 KB to 1.5 MB in common nets) is still
 //   in cache: x (and dy) come from DRAM once. The chunks and the merge order
 //   are those of the two-pass path, so both give bitwise the same results.
+//   Short runs (e.g. 14x14): a group of consecutive channels at a time, so
+//   each image's part is one contiguous run (kGroupValues).
 // - two-pass (few channels, rows layout): the second pass walks each
 //   thread's items backwards (kReverse), starting on the data the reduction
 //   pass touched last, still in cache when the tensor is larger than it.
@@ -67,6 +69,13 @@ namespace {
 constexpr int64_t kSegChunk = 4096;   // values per seg work item
 constexpr int64_t kRowsValues = 16384;  // values per rows block (at most kMaxRows rows)
 constexpr int64_t kMaxRows = 256;
+// Short runs (e.g. 14x14 planes): a channel-fused pass takes G consecutive
+// channels, so that image n's runs of the G channels are one contiguous run of
+// about kGroupValues (fewer, longer DRAM streams, and the streaming stores of
+// the output leave partial cache lines only at the ends of that run), while
+// the G channels' data (<= kGroupCache values per tensor) stays in L2.
+constexpr int64_t kGroupValues = 1024;
+constexpr int64_t kGroupCache = 32768;
 constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs this big: streaming stores
 
 // Orders this thread's streaming stores before what follows (the end of the
@@ -122,8 +131,22 @@ struct Layout {
   int64_t seg_len(int64_t i) const { return std::min(kSegChunk, L - (i % nch) * kSegChunk); }
   int64_t blk_rows(int64_t b) const { return std::min(rb, M - b * rb); }
   int64_t seg_item(int64_t n, int64_t c, int64_t j) const { return (n * C + c) * nch + j; }
+  // The s-th item (s = n * nch + j) of channel c: offset and length, without
+  // a division in the common nch == 1 case (short runs: per item overhead).
+  int64_t chan_off(int64_t c, int64_t s) const {
+    if (nch == 1) return (s * C + c) * L;
+    return ((s / nch) * C + c) * L + (s % nch) * kSegChunk;
+  }
+  int64_t chan_len(int64_t s) const {
+    return nch == 1 ? L : std::min(kSegChunk, L - (s % nch) * kSegChunk);
+  }
   // seg layout with enough channels for every thread: channel-fused passes
   bool fused() const { return !rows && C >= 2 * static_cast<int64_t>(at::get_num_threads()); }
+  // Channels a fused pass takes together (short runs, see kGroupValues).
+  int64_t group() const {
+    if (nch != 1) return 1;
+    return std::max<int64_t>(1, std::min(kGroupValues / L, kGroupCache / std::max<int64_t>(M, 1)));
+  }
 };
 
 // Block moments merged in order (Chan et al.): count, mean, M2.
@@ -224,14 +247,13 @@ void affine_pass(const Layout& g, const std::vector<double>& mean, const std::ve
 // prefetcher misses the start of each, short runs (e.g. 14x14) entirely, so
 // a reduction over a channel prefetches the start of the chunk kAhead later.
 constexpr int64_t kAhead = 4;
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kPrefetchBytes = 4096;  // a 32x32 plane of float
 
 template <typename T>
 void prefetch_chunk(const Layout& g, const T* p, int64_t c, int64_t s) {
   if (s >= g.N * g.nch) return;
-  const int64_t i = g.seg_item(s / g.nch, c, s % g.nch);
-  const char* q = reinterpret_cast<const char*>(p + g.seg_off(i));
-  const int64_t bytes = std::min<int64_t>(g.seg_len(i) * sizeof(T), kPrefetchBytes);
+  const char* q = reinterpret_cast<const char*>(p + g.chan_off(c, s));
+  const int64_t bytes = std::min<int64_t>(g.chan_len(s) * sizeof(T), kPrefetchBytes);
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b);
 }
 
@@ -243,13 +265,41 @@ void seg_channel_stats(const Layout& g, const cpu::BnKernels<T>& k, const T* x, 
   for (int64_t s = 0; s < kAhead; ++s) prefetch_chunk(g, x, c, s);
   for (int64_t s = 0; s < g.N * g.nch; ++s) {  // s = n * nch + j
     prefetch_chunk(g, x, c, s + kAhead);
-    const int64_t i = g.seg_item(s / g.nch, c, s % g.nch);
+    const int64_t n = g.chan_len(s);
     double bm, bq;
-    k.seg_stats(x + g.seg_off(i), g.seg_len(i), &bm, &bq);
-    mo.add(static_cast<double>(g.seg_len(i)), bm, bq);
+    k.seg_stats(x + g.chan_off(c, s), n, &bm, &bq);
+    mo.add(static_cast<double>(n), bm, bq);
   }
   *mean = mo.mu;
   *m2 = mo.q;
+}
+
+// Channels [ca, cb) (a group, nch == 1): seg_channel_stats of each, the
+// group's runs read image by image (one contiguous run per image).
+template <typename T>
+void seg_group_stats(const Layout& g, const cpu::BnKernels<T>& k, const T* x, int64_t ca,
+                     int64_t cb, double* mean, double* m2) {
+  Moments mo[kGroupValues];
+  const int64_t run = (cb - ca) * g.L;
+  auto prefetch = [&](int64_t n) {
+    if (n >= g.N) return;
+    const char* q = reinterpret_cast<const char*>(x + (n * g.C + ca) * g.L);
+    const int64_t bytes = std::min<int64_t>(run * sizeof(T), 2 * kPrefetchBytes);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(q + b);
+  };
+  for (int64_t n = 0; n < kAhead; ++n) prefetch(n);
+  for (int64_t n = 0; n < g.N; ++n) {
+    prefetch(n + kAhead);
+    for (int64_t c = ca; c < cb; ++c) {
+      double bm, bq;
+      k.seg_stats(x + (n * g.C + c) * g.L, g.L, &bm, &bq);
+      mo[c - ca].add(static_cast<double>(g.L), bm, bq);
+    }
+  }
+  for (int64_t c = ca; c < cb; ++c) {
+    mean[c] = mo[c - ca].mu;
+    m2[c] = mo[c - ca].q;
+  }
 }
 
 // Per channel mean and M2 over the whole batch.
@@ -325,16 +375,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
       const T* x = g.x.const_data_ptr<T>();
       T* y = out.mutable_data_ptr<T>();
       const bool nt = static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
+      const int64_t G = g.group();
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        if (G > 1) {
+          std::vector<T> buf(nt ? G * g.L : 0);
+          for (int64_t ca = c0; ca < c1; ca += G) {
+            const int64_t cb = std::min(ca + G, c1);
+            seg_group_stats<T>(g, k, x, ca, cb, mean.data(), m2.data());
+            std::vector<Affine<T>> f;
+            for (int64_t c = ca; c < cb; ++c) {
+              coef(c);
+              f.emplace_back(mean[c], a[c], b[c]);
+            }
+            for (int64_t n = g.N - 1; n >= 0; --n) {  // backwards: latest in cache first
+              const int64_t o = (n * C + ca) * g.L;
+              // nt: the group's run goes through buf, streamed out as one run
+              T* dst = nt ? buf.data() : y + o;
+              for (int64_t c = ca; c < cb; ++c) {
+                const Affine<T>& e = f[c - ca];
+                k.seg_affine(x + o + (c - ca) * g.L, g.L, e.mh, e.ml, e.a, e.b,
+                             dst + (c - ca) * g.L, false);
+              }
+              if (nt) k.copy_stream(buf.data(), (cb - ca) * g.L, y + o);
+            }
+          }
+          store_fence();
+          return;
+        }
         for (int64_t c = c0; c < c1; ++c) {
           seg_channel_stats<T>(g, k, x, c, &mean[c], &m2[c]);
           coef(c);
           const Affine<T> f(mean[c], a[c], b[c]);
-          for (int64_t n = g.N - 1; n >= 0; --n)  // backwards: latest in cache first
-            for (int64_t j = g.nch - 1; j >= 0; --j) {
-              const int64_t o = g.seg_off(g.seg_item(n, c, j));
-              k.seg_affine(x + o, g.seg_len(g.seg_item(n, c, j)), f.mh, f.ml, f.a, f.b, y + o, nt);
-            }
+          for (int64_t s = g.N * g.nch - 1; s >= 0; --s) {  // backwards: latest in cache first
+            const int64_t o = g.chan_off(c, s);
+            k.seg_affine(x + o, g.chan_len(s), f.mh, f.ml, f.a, f.b, y + o, nt);
+          }
         }
         store_fence();
       });
@@ -446,14 +521,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       for (int64_t s = 0; s < g.N * g.nch; ++s) {  // s = n * nch + j
         prefetch_chunk(g, dy, c, s + kAhead);
         prefetch_chunk(g, x, c, s + kAhead);
-        const int64_t i = g.seg_item(s / g.nch, c, s % g.nch), o = g.seg_off(i);
+        const int64_t o = g.chan_off(c, s);
         double p1, p2;
-        k.seg_bwd_reduce(dy + o, x + o, g.seg_len(i), tm[c], &p1, &p2);
+        k.seg_bwd_reduce(dy + o, x + o, g.chan_len(s), tm[c], &p1, &p2);
         s1 += p1;
         s2 += p2;
       }
       sdy[c] = s1;
       sdyx[c] = s2;
+    };
+    // channels [ca, cb) (a group, nch == 1): the sums of seg_channel_reduce,
+    // the group's runs read image by image
+    auto seg_group_reduce = [&](int64_t ca, int64_t cb) {
+      const int64_t run = (cb - ca) * g.L;
+      auto prefetch = [&](int64_t n) {
+        if (n >= g.N) return;
+        const int64_t o = (n * C + ca) * g.L;
+        const int64_t bytes = std::min<int64_t>(run * sizeof(T), 2 * kPrefetchBytes);
+        for (int64_t b = 0; b < bytes; b += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(dy + o) + b);
+          __builtin_prefetch(reinterpret_cast<const char*>(x + o) + b);
+        }
+      };
+      for (int64_t n = 0; n < kAhead; ++n) prefetch(n);
+      for (int64_t n = 0; n < g.N; ++n) {
+        prefetch(n + kAhead);
+        for (int64_t c = ca; c < cb; ++c) {
+          const int64_t o = (n * C + c) * g.L;
+          double p1, p2;
+          k.seg_bwd_reduce(dy + o, x + o, g.L, tm[c], &p1, &p2);
+          sdy[c] += p1;  // from 0, in n order: as seg_channel_reduce
+          sdyx[c] += p2;
+        }
+      }
     };
     const bool reduce = (mask[0] && training) || mask[1] || mask[2];
     const T* xin = training ? x : nullptr;
@@ -462,16 +562,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 
     if (g.fused() && reduce && mask[0]) {
       // Channel-fused: reduce channel c, then its dx while it is in cache.
+      const int64_t G = g.group();
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        if (G > 1) {
+          std::vector<T> buf(nt ? G * g.L : 0);
+          for (int64_t ca = c0; ca < c1; ca += G) {
+            const int64_t cb = std::min(ca + G, c1);
+            seg_group_reduce(ca, cb);
+            for (int64_t c = ca; c < cb; ++c) coef(c);
+            for (int64_t n = g.N - 1; n >= 0; --n) {  // backwards: latest in cache first
+              const int64_t o = (n * C + ca) * g.L;
+              // nt: the group's run goes through buf, streamed out as one run
+              T* dst = nt ? buf.data() : dx + o;
+              for (int64_t c = ca; c < cb; ++c) {
+                const int64_t oc = o + (c - ca) * g.L;
+                k.seg_bwd_apply(dy + oc, xin ? xin + oc : nullptr, g.L, tm[c], ta[c], tb[c],
+                                tk[c], dst + (c - ca) * g.L, false);
+              }
+              if (nt) k.copy_stream(buf.data(), (cb - ca) * g.L, dx + o);
+            }
+          }
+          store_fence();
+          return;
+        }
         for (int64_t c = c0; c < c1; ++c) {
           seg_channel_reduce(c);
           coef(c);
-          for (int64_t n = g.N - 1; n >= 0; --n)  // backwards: latest in cache first
-            for (int64_t j = g.nch - 1; j >= 0; --j) {
-              const int64_t i = g.seg_item(n, c, j), o = g.seg_off(i);
-              k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.seg_len(i), tm[c], ta[c], tb[c],
-                              tk[c], dx + o, nt);
-            }
+          for (int64_t s = g.N * g.nch - 1; s >= 0; --s) {  // backwards: latest in cache first
+            const int64_t o = g.chan_off(c, s);
+            k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.chan_len(s), tm[c], ta[c], tb[c],
+                            tk[c], dx + o, nt);
+          }
         }
         store_fence();
       });

@@ -40,10 +40,13 @@ struct Vn {
     return v;
   }
   static inline V splat(T s) { return V{} + s; }
+  // Lane sum in double, pairwise (a short dependency chain).
   static inline double hsum(V v) {
-    double r = 0;
-    for (int j = 0; j < L; ++j) r += static_cast<double>(v[j]);
-    return r;
+    double t[L];
+    for (int j = 0; j < L; ++j) t[j] = static_cast<double>(v[j]);
+    for (int w = L / 2; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) t[j] += t[j + w];
+    return t[0];
   }
   // Non-temporal store to a FL_BN_VBYTES-aligned p (a plain store where the
   // ISA has none).
@@ -108,23 +111,30 @@ inline void shifted_sums(const T* x, int64_t n, T s, double* S1, double* S2) {
     const V d = X::load(x + i) - vs;
     a0 += d; q0 += d * d;
   }
-  double s1 = X::hsum((a0 + a1) + (a2 + a3)), s2 = X::hsum((q0 + q1) + (q2 + q3));
-  for (; i < n; ++i) {
-    const T d = x[i] - s;
-    s1 += d;
-    s2 += static_cast<double>(d) * d;
+  if (i < n) {  // tail: one vector padded with s (d = 0 there)
+    T t[L];
+    for (int j = 0; j < L; ++j) t[j] = i + j < n ? x[i + j] : s;
+    const V d = X::load(t) - vs;
+    a1 += d; q1 += d * d;
   }
-  *S1 = s1;
-  *S2 = s2;
+  *S1 = X::hsum((a0 + a1) + (a2 + a3));
+  *S2 = X::hsum((q0 + q1) + (q2 + q3));
 }
 
 inline double clamp_m2(double v) { return v > 0 ? v : (v == v ? 0.0 : v); }
 
 template <typename T>
 void seg_stats(const T* x, int64_t n, double* mean, double* m2) {
+  using X = Vn<T>;
   const int64_t n0 = n < kShiftValues ? n : kShiftValues;
   double t = 0;
-  for (int64_t i = 0; i < n0; ++i) t += static_cast<double>(x[i]);
+  if (n0 == kShiftValues) {  // a few vector adds (in T: the shift need not be exact)
+    typename X::V v = X::load(x);
+    for (int64_t i = X::L; i < kShiftValues; i += X::L) v += X::load(x + i);
+    t = X::hsum(v);
+  } else {
+    for (int64_t i = 0; i < n0; ++i) t += static_cast<double>(x[i]);
+  }
   const T shift = static_cast<T>(t / static_cast<double>(n0));
   double S1, S2;
   shifted_sums(x, n, shift, &S1, &S2);
@@ -206,13 +216,17 @@ void seg_bwd_reduce(const T* dy, const T* x, int64_t n, T m, double* sdy, double
     const V g = X::load(dy + i);
     a0 += g; q0 += g * (X::load(x + i) - vm);
   }
-  double S1 = X::hsum((a0 + a1) + (a2 + a3)), S2 = X::hsum((q0 + q1) + (q2 + q3));
-  for (; i < n; ++i) {
-    S1 += dy[i];
-    S2 += static_cast<double>(dy[i] * (x[i] - m));
+  if (i < n) {  // tail: one vector padded with dy = 0
+    T tg[L], tx[L];
+    for (int j = 0; j < L; ++j) {
+      tg[j] = i + j < n ? dy[i + j] : T(0);
+      tx[j] = i + j < n ? x[i + j] : m;
+    }
+    const V g = X::load(tg);
+    a1 += g; q1 += g * (X::load(tx) - vm);
   }
-  *sdy = S1;
-  *sdyx = S2;
+  *sdy = X::hsum((a0 + a1) + (a2 + a3));
+  *sdyx = X::hsum((q0 + q1) + (q2 + q3));
 }
 
 template <typename T>
@@ -263,7 +277,15 @@ void rows_bwd_apply(const T* dy, const T* x, int64_t R, int64_t C, const T* m, c
 }
 
 template <typename T>
+void copy_stream(const T* src, int64_t n, T* dst) {
+  using X = Vn<T>;
+  store_loop(
+      dst, n, true, [&](int64_t i) { return src[i]; }, [&](int64_t i) { return X::load(src + i); });
+}
+
+template <typename T>
 void fill(BnKernels<T>* k) {
+  k->copy_stream = &copy_stream<T>;
   k->seg_stats = &seg_stats<T>;
   k->rows_stats = &rows_stats<T>;
   k->seg_affine = &seg_affine<T>;
