@@ -190,7 +190,7 @@ def test_gemm_core_shared_panels(isa, dtype, la, lb, lc):
     threads, per K block: ragged M / N edges, several K blocks (the last one
     short), accumulate and both biases must come out as in a single thread."""
     if isa == "scalar":
-        M, N, K = 67, 150, 1800  # 1.8e7 multiply-adds: the portable kernel is slow
+        M, N, K = 100, 300, 2300  # 6.9e7 multiply-adds (>= 2^26): the portable kernel is slow
     else:
         M, N, K = 301, 517, 777  # 1.2e8 multiply-adds
     a, b = layout(randn(M, K, dtype=dtype), la), layout(randn(K, N, dtype=dtype), lb)

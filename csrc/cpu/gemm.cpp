@@ -107,7 +107,7 @@ struct Scratch {
 
 template <typename T>
 T* scratch(int slot, int64_t elems) {
-  thread_local Scratch bufs[3];
+  thread_local Scratch bufs[4];  // 0, 1: packed A / B blocks; 2: edges; 3: shared panels
   return static_cast<T*>(bufs[slot].get(static_cast<size_t>(elems) * sizeof(T)));
 }
 
@@ -409,15 +409,17 @@ void gemm_impl(GemmArgs<T> g) {
   // from the shared panels. Otherwise every thread would pack the whole
   // A (or B) panel its block needs, i.e. the same panel once per thread row
   // (column) of the grid. Workspace: (M + N) * KC elements.
-  if (!prepacked && packA && packB && work >= (int64_t(1) << 24)) {
+  // Below ~2^26 multiply-adds the extra fork/joins cost more than the
+  // packing they share.
+  if (!prepacked && packA && packB && work >= (int64_t(1) << 26)) {
     const int64_t Mr = round_up(g.M, MR), Nr = round_up(g.N, NR);
-    AlignedVector<T> panels(static_cast<size_t>((Mr + Nr) * std::min(ks.KC, g.K)));
+    T* const panels = scratch<T>(3, (Mr + Nr) * std::min(ks.KC, g.K));  // the caller's
     for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
       const int64_t kc = std::min(ks.KC, g.K - pc);
       GemmArgs<T> a = g;
       a.K = kc;
-      a.packed_A = panels.data();
-      a.packed_B = panels.data() + Mr * kc;
+      a.packed_A = panels;
+      a.packed_B = panels + Mr * kc;
       pack_all(true, g.M, kc, g.A + pc * g.csA, g.rsA, g.csA, const_cast<T*>(a.packed_A));
       pack_all(false, g.N, kc, g.B + pc * g.rsB, g.csB, g.rsB, const_cast<T*>(a.packed_B));
       if (pc > 0) { a.accumulate = true; a.bias_m = nullptr; a.bias_n = nullptr; }
