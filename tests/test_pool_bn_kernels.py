@@ -408,15 +408,19 @@ def test_bn_channel_fused_equals_two_pass():
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 257, 263), (4, 64, 64, 64), (48, 150, 13, 13)], ids=str)
-def test_bn_streaming_stores(isa, shape):
+@pytest.mark.parametrize("shape,cl", [((2, 8, 257, 263), False), ((4, 64, 64, 64), False),
+                                      ((48, 150, 13, 13), False), ((4, 64, 64, 64), True),
+                                      ((32, 37, 40, 40), True)], ids=str)
+def test_bn_streaming_stores(isa, shape, cl):
     """Outputs >= 4 MiB are written with streaming stores (whole cache lines,
     plain stores at unaligned chunk edges): against float64 torch. 13x13
     planes: channel groups (a partial one at the end of each thread's range)
-    streamed out through a buffer."""
+    streamed out through a buffer. channels_last: rows of C channels, each
+    streamed on its own (C = 37: rows not a whole number of cache lines)."""
     torch.manual_seed(2)
-    x = torch.randn(shape) * 3 + 1
-    go = torch.randn(shape)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = (torch.randn(shape) * 3 + 1).contiguous(memory_format=fmt)
+    go = torch.randn(shape).contiguous(memory_format=fmt)
     C = shape[1]
     w, b = torch.rand(C) + 0.5, torch.randn(C)
     y, sm, si = ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5)

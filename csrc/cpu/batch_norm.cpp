@@ -233,7 +233,8 @@ void affine_pass(const Layout& g, const std::vector<double>& mean, const std::ve
     for (int64_t i = i1 - 1; i >= i0; --i) {  // backwards: see kReverse
       if (g.rows) {
         const int64_t o = i * g.rb * g.C;
-        k.rows_affine(x + o, g.blk_rows(i), g.C, mh.data(), ml.data(), ta.data(), tb.data(), y + o);
+        k.rows_affine(x + o, g.blk_rows(i), g.C, mh.data(), ml.data(), ta.data(), tb.data(), y + o,
+                      nt);
       } else {
         const int64_t c = g.seg_c(i), o = g.seg_off(i);
         k.seg_affine(x + o, g.seg_len(i), mh[c], ml[c], ta[c], tb[c], y + o, nt);
@@ -643,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
             if (g.rows) {
               const int64_t o = i * g.rb * C;
               k.rows_bwd_apply(dy + o, xin ? xin + o : nullptr, g.blk_rows(i), C, tm.data(),
-                               ta.data(), tb.data(), tk.data(), dx + o);
+                               ta.data(), tb.data(), tk.data(), dx + o, nt);
             } else {
               const int64_t c = g.seg_c(i), o = g.seg_off(i);
               k.seg_bwd_apply(dy + o, xin ? xin + o : nullptr, g.seg_len(i), tm[c], ta[c], tb[c],

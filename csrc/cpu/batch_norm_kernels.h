@@ -29,7 +29,7 @@ struct BnKernels {
   // nt: non-temporal (streaming) stores of y; the caller issues the fence.
   void (*seg_affine)(const T* x, int64_t n, T mh, T ml, T a, T b, T* y, bool nt);
   void (*rows_affine)(const T* x, int64_t R, int64_t C, const T* mh, const T* ml, const T* a,
-                      const T* b, T* y);
+                      const T* b, T* y, bool nt);
   // sdy = sum dy, sdyx = sum dy * (x - m)
   void (*seg_bwd_reduce)(const T* dy, const T* x, int64_t n, T m, double* sdy, double* sdyx);
   // per channel; scratch: 2 C values of T
@@ -39,7 +39,7 @@ struct BnKernels {
   // nt as in seg_affine
   void (*seg_bwd_apply)(const T* dy, const T* x, int64_t n, T m, T a, T b, T k, T* dx, bool nt);
   void (*rows_bwd_apply)(const T* dy, const T* x, int64_t R, int64_t C, const T* m, const T* a,
-                         const T* b, const T* k, T* dx);
+                         const T* b, const T* k, T* dx, bool nt);
   // dst[0, n) = src[0, n) with streaming stores (whole lines; plain at the ends)
   void (*copy_stream)(const T* src, int64_t n, T* dst);
 };

@@ -188,11 +188,16 @@ void seg_affine(const T* x, int64_t n, T mh, T ml, T a, T b, T* y, bool nt) {
 
 template <typename T>
 void rows_affine(const T* x, int64_t R, int64_t C, const T* mh, const T* ml, const T* a,
-                 const T* b, T* y) {
+                 const T* b, T* y, bool nt) {
+  using X = Vn<T>;
   for (int64_t r = 0; r < R; ++r) {
     const T* xr = x + r * C;
-    T* yr = y + r * C;
-    for (int64_t c = 0; c < C; ++c) yr[c] = ((xr[c] - mh[c]) - ml[c]) * a[c] + b[c];
+    store_loop(
+        y + r * C, C, nt, [&](int64_t c) { return ((xr[c] - mh[c]) - ml[c]) * a[c] + b[c]; },
+        [&](int64_t c) {
+          return ((X::load(xr + c) - X::load(mh + c)) - X::load(ml + c)) * X::load(a + c) +
+                 X::load(b + c);
+        });
   }
 }
 
@@ -263,16 +268,24 @@ void seg_bwd_apply(const T* dy, const T* x, int64_t n, T m, T a, T b, T k, T* dx
 
 template <typename T>
 void rows_bwd_apply(const T* dy, const T* x, int64_t R, int64_t C, const T* m, const T* a,
-                    const T* b, const T* k, T* dx) {
+                    const T* b, const T* k, T* dx, bool nt) {
+  using X = Vn<T>;
   for (int64_t r = 0; r < R; ++r) {
     const T* g = dy + r * C;
     T* o = dx + r * C;
     if (x == nullptr) {
-      for (int64_t c = 0; c < C; ++c) o[c] = g[c] * a[c];
+      store_loop(
+          o, C, nt, [&](int64_t c) { return g[c] * a[c]; },
+          [&](int64_t c) { return X::load(g + c) * X::load(a + c); });
       continue;
     }
     const T* xr = x + r * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = ((g[c] - k[c]) - (xr[c] - m[c]) * b[c]) * a[c];
+    store_loop(
+        o, C, nt, [&](int64_t c) { return ((g[c] - k[c]) - (xr[c] - m[c]) * b[c]) * a[c]; },
+        [&](int64_t c) {
+          return ((X::load(g + c) - X::load(k + c)) - (X::load(xr + c) - X::load(m + c)) *
+                  X::load(b + c)) * X::load(a + c);
+        });
   }
 }
 
