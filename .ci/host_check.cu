@@ -39,25 +39,29 @@ static void run_problem(const P& p, int64_t groups) {
     for (int64_t i = 0; i < p.M; ++i)
       for (int64_t j = 0; j < p.N; ++j) {
         double acc = 0;
-        for (int64_t k = 0; k < p.K; ++k) acc += p.a(g, i, k) * p.b(g, k, j);
-        p.store(g, i, j, acc);
+        for (int64_t k = 0; k < p.K; ++k) acc += elem_a(p, g, i, k) * elem_b(p, g, k, j);
+        store_c(p, g, i, j, acc);
       }
 }
 
-
 // Host replica of gemm_simt_kernel + gemm_splitk_reduce (gemm_kernels.cuh): the
-// same tile walk, thread -> element maps, split-K chunks and workspace layout,
-// with the __syncthreads phases run one after the other for all 256 threads.
-template <class P, int BM, int BN, int BK, int TM, int TN>
-static void emulate_simt(const P& p, int64_t groups, DType dt) {
+// same tile walk, the same TileLoader objects (thread -> element maps), the same
+// register-block map (simt_local), split-K chunks and workspace layout, with the
+// __syncthreads phases run one after the other for all 256 threads.
+template <class P, int BM, int BN>
+static void emulate_simt(const P& p, int64_t groups, const GemmPlan& pl) {
   using T = typename P::T;
   using Acc = typename Num<T>::Acc;
-  const GemmPlan pl = plan_gemm(p.M, p.N, p.K, groups, dt);
-  constexpr int NT = kGemmThreads, AE = BM * BK / NT, BE = BK * BN / NT;
-  std::vector<Acc> ws(pl.splits > 1 ? size_t(pl.ws_bytes / sizeof(Acc)) : 0, Acc(NAN));
+  using AOp = typename P::AOp;
+  using BOp = typename P::BOp;
+  constexpr int NT = kGemmThreads, BK = kSimtBK, LDA = BM + kSimtPad, LDB = BN + kSimtPad;
+  constexpr int TM = BM / 16, TN = BN / 16, EA = BM / 32, EB = BN / 32;
+  if (pl.BM != BM || pl.BN != BN) { std::printf("FAIL plan tile\n"); std::exit(1); }
+  std::vector<Acc> ws(pl.splits > 1 ? size_t(groups * pl.splits * p.M * p.N) : 0, Acc(NAN));
   const int64_t gy = ceil_div(p.M, BM), gx = ceil_div(p.N, BN), gz = groups * pl.splits;
-  static T As[2][BK][BM + 4], Bs[2][BK][BN + 4];
-  std::vector<T> ra(NT * AE), rb(NT * BE);
+  std::vector<T> As(2 * BK * LDA), Bs(2 * BK * LDB);
+  std::vector<TileLoader<AOp, EA>> la(NT);
+  std::vector<TileLoader<BOp, EB>> lb(NT);
   std::vector<Acc> acc(NT * TM * TN);
   for (int64_t bz = 0; bz < gz; ++bz)
     for (int64_t by = 0; by < gy; ++by)
@@ -66,52 +70,51 @@ static void emulate_simt(const P& p, int64_t groups, DType dt) {
         const int64_t m0 = by * BM, n0 = bx * BN, kbeg = int64_t(sp) * pl.kchunk;
         const int64_t kend = kbeg + pl.kchunk < p.K ? kbeg + pl.kchunk : p.K;
         const int64_t ntiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
-        auto a_pos = [&](int tid, int r, int& ml, int& kl) {
-          const int e = tid + r * NT;
-          if (p.a_k_fast) { kl = e % BK; ml = e / BK; } else { ml = e % BM; kl = e / BM; }
-        };
-        auto b_pos = [&](int tid, int r, int& kl, int& nl) {
-          const int e = tid + r * NT;
-          if (p.b_k_fast) { kl = e % BK; nl = e / BK; } else { nl = e % BN; kl = e / BN; }
-        };
-        auto fetch = [&](int tid, int64_t k0) {
-          for (int r = 0; r < AE; ++r) {
-            int ml, kl; a_pos(tid, r, ml, kl);
-            const int64_t gm = m0 + ml, gk = k0 + kl;
-            ra[tid * AE + r] = (gm < p.M && gk < kend) ? p.a(g, gm, gk) : zero_of<T>();
-          }
-          for (int r = 0; r < BE; ++r) {
-            int kl, nl; b_pos(tid, r, kl, nl);
-            const int64_t gn = n0 + nl, gk = k0 + kl;
-            rb[tid * BE + r] = (gn < p.N && gk < kend) ? p.b(g, gk, gn) : zero_of<T>();
-          }
-        };
-        auto stash = [&](int tid, int buf) {
-          for (int r = 0; r < AE; ++r) { int ml, kl; a_pos(tid, r, ml, kl); As[buf][kl][ml] = ra[tid * AE + r]; }
-          for (int r = 0; r < BE; ++r) { int kl, nl; b_pos(tid, r, kl, nl); Bs[buf][kl][nl] = rb[tid * BE + r]; }
-        };
+        const AOp aop = p.a_op(g);
+        const BOp bop = p.b_op(g);
+        std::fill(As.begin(), As.end(), T(NAN));
+        std::fill(Bs.begin(), Bs.end(), T(NAN));
+        for (int tid = 0; tid < NT; ++tid) {
+          la[tid].init(aop, m0, p.M, p.a_k_fast, tid);
+          lb[tid].init(bop, n0, p.N, p.b_k_fast, tid);
+        }
         for (auto& v : acc) v = Acc(0);
-        if (ntiles > 0) for (int tid = 0; tid < NT; ++tid) { fetch(tid, kbeg); stash(tid, 0); }
+        if (ntiles > 0)
+          for (int tid = 0; tid < NT; ++tid) {
+            la[tid].load(aop, kbeg, kend); lb[tid].load(bop, kbeg, kend);
+            la[tid].store(As.data(), LDA); lb[tid].store(Bs.data(), LDB);
+          }
         for (int64_t t = 0; t < ntiles; ++t) {
           const int buf = int(t & 1);
+          const T* as = As.data() + buf * BK * LDA;
+          const T* bs = Bs.data() + buf * BK * LDB;
           for (int tid = 0; tid < NT; ++tid) {
             const int tx = tid % 16, ty = tid / 16;
-            if (t + 1 < ntiles) fetch(tid, kbeg + (t + 1) * BK);
+            if (t + 1 < ntiles) {
+              la[tid].load(aop, kbeg + (t + 1) * BK, kend);
+              lb[tid].load(bop, kbeg + (t + 1) * BK, kend);
+            }
             for (int kk = 0; kk < BK; ++kk)
               for (int i = 0; i < TM; ++i)
-                for (int j = 0; j < TN; ++j)
-                  acc[(tid * TM + i) * TN + j] = std::fma(Num<T>::to_acc(As[buf][kk][ty + 16 * i]),
-                      Num<T>::to_acc(Bs[buf][kk][tx + 16 * j]), acc[(tid * TM + i) * TN + j]);
+                for (int j = 0; j < TN; ++j) {
+                  const T a = as[kk * LDA + simt_local(ty, i)], b = bs[kk * LDB + simt_local(tx, j)];
+                  acc[(tid * TM + i) * TN + j] = std::fma(Num<T>::to_acc(a), Num<T>::to_acc(b),
+                                                          acc[(tid * TM + i) * TN + j]);
+                }
           }
-          if (t + 1 < ntiles) for (int tid = 0; tid < NT; ++tid) stash(tid, buf ^ 1);
+          if (t + 1 < ntiles)
+            for (int tid = 0; tid < NT; ++tid) {
+              la[tid].store(As.data() + (buf ^ 1) * BK * LDA, LDA);
+              lb[tid].store(Bs.data() + (buf ^ 1) * BK * LDB, LDB);
+            }
         }
         for (int tid = 0; tid < NT; ++tid) {
           const int tx = tid % 16, ty = tid / 16;
           for (int i = 0; i < TM; ++i) {
-            const int64_t gm = m0 + ty + 16 * i;
+            const int64_t gm = m0 + simt_local(ty, i);
             if (gm >= p.M) continue;
             for (int j = 0; j < TN; ++j) {
-              const int64_t gn = n0 + tx + 16 * j;
+              const int64_t gn = n0 + simt_local(tx, j);
               if (gn >= p.N) continue;
               const Acc v = acc[(tid * TM + i) * TN + j];
               if (pl.splits > 1) {
@@ -119,7 +122,7 @@ static void emulate_simt(const P& p, int64_t groups, DType dt) {
                 if (o < 0 || o >= int64_t(ws.size())) { std::printf("FAIL ws index\n"); std::exit(1); }
                 ws[o] = v;
               } else {
-                p.store(g, gm, gn, v);
+                store_c_at(p, g, gm, gn, p.c_row(g, gm) + p.c_col(g, gn), v);
               }
             }
           }
@@ -132,16 +135,33 @@ static void emulate_simt(const P& p, int64_t groups, DType dt) {
       const Acc* w = ws.data() + g * pl.splits * mn + r;
       Acc s = Acc(0);
       for (int k = 0; k < pl.splits; ++k) s += w[int64_t(k) * mn];
-      p.store(int(g), i, j, s);
+      store_c(p, int(g), i, j, s);
     }
   }
+}
+
+// Runs the emulated kernel with the tile config the planner picks for dtype dt
+// (the arithmetic stays in P's type, double, so results compare exactly).
+// The same with a forced tile config (0: 64x64, 1: 128x128, 3: 64x128) and split count.
+template <class P>
+static void run_tiled_cfg(const P& p, int64_t groups, int cfg, int splits) {
+  GemmPlan pl;
+  pl.cfg = cfg;
+  pl.BM = cfg == 1 ? 128 : 64;
+  pl.BN = cfg == 0 ? 64 : 128;
+  pl.kchunk = std::max<int64_t>(ceil_div(ceil_div(p.K, splits), pl.BK) * pl.BK, pl.BK);
+  pl.splits = int(std::max<int64_t>(ceil_div(p.K, pl.kchunk), 1));
+  if (pl.cfg == 1) emulate_simt<P, 128, 128>(p, groups, pl);
+  else if (pl.cfg == 3) emulate_simt<P, 64, 128>(p, groups, pl);
+  else emulate_simt<P, 64, 64>(p, groups, pl);
 }
 
 template <class P>
 static void run_tiled(const P& p, int64_t groups, DType dt) {
   const GemmPlan pl = plan_gemm(p.M, p.N, p.K, groups, dt);
-  if (pl.cfg == 1) emulate_simt<P, 128, 128, 8, 8, 8>(p, groups, dt);
-  else emulate_simt<P, 64, 64, 8, 4, 4>(p, groups, dt);
+  if (pl.cfg == 1) emulate_simt<P, 128, 128>(p, groups, pl);
+  else if (pl.cfg == 3) emulate_simt<P, 64, 128>(p, groups, pl);
+  else emulate_simt<P, 64, 64>(p, groups, pl);
 }
 
 static double maxdiff(const std::vector<double>& a, const std::vector<double>& b) {
@@ -192,18 +212,39 @@ static int check(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t 
           y_ref[Y(n, k, p, q)] = acc;
         }
   std::vector<double> y(y_ref.size(), NAN), gx(x.size(), NAN), gw(w.size(), NAN);
+  const bool unit = sh == 1 && sw == 1;
+  auto dgrad_unit = [&] { return ConvDgradT<double, true>(d, gy.data(), w.data(), gx.data()); };
+  auto dgrad_any = [&] { return ConvDgradT<double, false>(d, gy.data(), w.data(), gx.data()); };
   run_problem(ConvFwd<double>(d, x.data(), w.data(), b.data(), y.data()), G);
-  run_problem(ConvDgrad<double>(d, gy.data(), w.data(), gx.data()), G);
+  if (unit) run_problem(dgrad_unit(), G); else run_problem(dgrad_any(), G);
   run_problem(ConvWgrad<double>(d, gy.data(), x.data(), gw.data()), G);
   double e1 = maxdiff(y, y_ref), e2 = maxdiff(gx, gx_ref), e3 = maxdiff(gw, gw_ref);
-  // The same through the emulated tiled kernel (tiles, split-K, workspace).
-  std::fill(y.begin(), y.end(), NAN); std::fill(gx.begin(), gx.end(), NAN);
-  std::fill(gw.begin(), gw.end(), NAN);
+  auto reset = [&] {
+    std::fill(y.begin(), y.end(), NAN); std::fill(gx.begin(), gx.end(), NAN);
+    std::fill(gw.begin(), gw.end(), NAN);
+  };
+  auto collect = [&] {
+    e1 = std::fmax(e1, maxdiff(y, y_ref)); e2 = std::fmax(e2, maxdiff(gx, gx_ref));
+    e3 = std::fmax(e3, maxdiff(gw, gw_ref));
+  };
+  // The same through the emulated tiled kernel (tiles, split-K, workspace), as
+  // planned for float64, then every tile config with 1 and 3 splits.
+  reset();
   run_tiled(ConvFwd<double>(d, x.data(), w.data(), b.data(), y.data()), G, DType::F64);
-  run_tiled(ConvDgrad<double>(d, gy.data(), w.data(), gx.data()), G, DType::F64);
+  if (unit) run_tiled(dgrad_unit(), G, DType::F64); else run_tiled(dgrad_any(), G, DType::F64);
   run_tiled(ConvWgrad<double>(d, gy.data(), x.data(), gw.data()), G, DType::F64);
-  e1 = std::fmax(e1, maxdiff(y, y_ref)); e2 = std::fmax(e2, maxdiff(gx, gx_ref));
-  e3 = std::fmax(e3, maxdiff(gw, gw_ref));
+  collect();
+  const int cfg_splits[4][2] = {{0, 1}, {0, 3}, {1, 1}, {3, 3}};
+  for (const auto& cs : cfg_splits) {
+    const int cfg = cs[0], splits = cs[1];
+    reset();
+    run_tiled_cfg(ConvFwd<double>(d, x.data(), w.data(), b.data(), y.data()), G, cfg, splits);
+    // The general (dividing) grad_output gather must agree for unit strides too.
+    if (unit && splits == 1) run_tiled_cfg(dgrad_unit(), G, cfg, splits);
+    else run_tiled_cfg(dgrad_any(), G, cfg, splits);
+    run_tiled_cfg(ConvWgrad<double>(d, gy.data(), x.data(), gw.data()), G, cfg, splits);
+    collect();
+  }
   const bool ok = e1 < 1e-9 && e2 < 1e-9 && e3 < 1e-9;
   std::printf("%s N%ld C%ld %ldx%ld K%ld k%ldx%ld s%ld,%ld p%ld,%ld d%ld,%ld g%ld cl%d%d%d: "
               "fwd %.1e dgrad %.1e wgrad %.1e\n", ok ? "ok  " : "FAIL", long(N), long(C), long(H),

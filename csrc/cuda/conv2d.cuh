@@ -24,11 +24,29 @@ struct ConvGeom {
         Cg(d.C / d.groups), Kg(d.K / d.groups), RS(d.R * d.S), PQ(d.P * d.Q), HW(d.H * d.W) {
     for (int i = 0; i < 4; ++i) { xs[i] = d.x_str[i]; ws[i] = d.w_str[i]; ys[i] = d.y_str[i]; }
   }
-  // (c, r, s) from a reduction / column index over C/G x R x S.
-  FL_HD __forceinline__ void crs(int64_t k, int64_t& c, int64_t& r, int64_t& s) const {
-    c = divq(k, RS);
-    const int64_t t = k - c * RS;
+  // Order of the reduction index over (channel, r, s): channel-major (c, r, s)
+  // by default; (r, s, c) with the channel fastest when the gathered tensor is
+  // channels_last (c_fast), so that neighbouring k are neighbours in memory.
+  bool c_fast = false;
+  FL_HD __forceinline__ void chrs(int64_t k, int64_t nch, int64_t& c, int64_t& r,
+                                  int64_t& s) const {
+    int64_t t;
+    if (c_fast) { t = divq(k, nch); c = k - t * nch; }
+    else { c = divq(k, RS); t = k - c * RS; }
     r = divq(t, S); s = t - r * S;
+  }
+  // (c, r, s) from an index over C/G x R x S; (k, r, s) from one over K/G x R x S.
+  FL_HD __forceinline__ void crs(int64_t k, int64_t& c, int64_t& r, int64_t& s) const {
+    chrs(k, Cg, c, r, s);
+  }
+  FL_HD __forceinline__ void krs(int64_t k, int64_t& kk, int64_t& r, int64_t& s) const {
+    chrs(k, Kg, kk, r, s);
+  }
+  // Memory distance between neighbouring reduction indices of a gathered image
+  // with strides st (heuristic for coalescing only).
+  FL_HD __forceinline__ int64_t crs_step(const int64_t* st) const {
+    if (c_fast) return st[1];
+    return S > 1 ? st[3] * dw : (R > 1 ? st[2] * dh : st[1]);
   }
   FL_HD __forceinline__ void npq(int64_t j, int64_t& n, int64_t& p, int64_t& q) const {
     n = divq(j, PQ);
@@ -40,101 +58,190 @@ struct ConvGeom {
     const int64_t t = j - n * HW;
     h = divq(t, W); w = t - h * W;
   }
-  // Input offset of (n, c, p*stride - pad + r*dil, ...), or -1 in the padding.
-  FL_HD __forceinline__ int64_t x_at(int64_t n, int64_t c, int64_t p, int64_t q, int64_t r,
-                                          int64_t s) const {
-    const int64_t h = p * sh - ph + r * dh, w = q * sw - pw + s * dw;
-    if (h < 0 || h >= H || w < 0 || w >= W) return -1;
-    return n * xs[0] + c * xs[1] + h * xs[2] + w * xs[3];
+};
+
+// ---- operands (see gemm_kernels.cuh for the Op interface) -------------------------
+
+// A spatial part of an address: offset plus the (h, w) it contributes.
+struct SPos { int64_t o, h, w; };
+
+// The input image x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] (zero in the padding)
+// as forward B (mn = npq, k = crs) or weight-gradient B (mn = crs, k = npq).
+// x points at the group's first channel.
+template <typename Tt, bool MN_IS_NPQ>
+struct ConvXOp {
+  using T = Tt;
+  const Tt* x;
+  ConvGeom G;
+  using Mn = SPos;
+  using Kx = SPos;
+  FL_HD SPos npq(int64_t j) const {
+    int64_t n, p, q; G.npq(j, n, p, q);
+    const int64_t h = p * G.sh - G.ph, w = q * G.sw - G.pw;
+    return {n * G.xs[0] + h * G.xs[2] + w * G.xs[3], h, w};
+  }
+  FL_HD SPos crs(int64_t k) const {
+    int64_t c, r, s; G.crs(k, c, r, s);
+    const int64_t h = r * G.dh, w = s * G.dw;
+    return {c * G.xs[1] + h * G.xs[2] + w * G.xs[3], h, w};
+  }
+  FL_HD Mn mn(int64_t i) const { return MN_IS_NPQ ? npq(i) : crs(i); }
+  FL_HD Kx k(int64_t i) const { return MN_IS_NPQ ? crs(i) : npq(i); }
+  FL_HD Tt load(const SPos& a, const SPos& b) const {
+    const int64_t h = a.h + b.h, w = a.w + b.w;
+    if (uint64_t(h) >= uint64_t(G.H) || uint64_t(w) >= uint64_t(G.W)) return zero_of<Tt>();
+    return x[a.o + b.o];
   }
 };
+
+// The weight as forward A (mn = k_out, k = crs) or input-gradient A
+// (mn = c, k = (k_out, r, s)); w points at the group's first output channel.
+template <typename Tt, bool FWD>
+struct ConvWOp {
+  using T = Tt;
+  const Tt* w;
+  ConvGeom G;
+  struct Mn { int64_t o; };
+  struct Kx { int64_t o; };
+  FL_HD Mn mn(int64_t i) const { return {i * (FWD ? G.ws[0] : G.ws[1])}; }
+  FL_HD Kx k(int64_t k) const {
+    int64_t a, r, s;
+    if (FWD) G.crs(k, a, r, s); else G.krs(k, a, r, s);
+    return {a * (FWD ? G.ws[1] : G.ws[0]) + r * G.ws[2] + s * G.ws[3]};
+  }
+  FL_HD Tt load(const Mn& a, const Kx& b) const { return w[a.o + b.o]; }
+};
+
+// grad_output as weight-gradient A: mn = k_out, k = npq; gy at the group's first channel.
+template <typename Tt>
+struct ConvYOp {
+  using T = Tt;
+  const Tt* gy;
+  ConvGeom G;
+  struct Mn { int64_t o; };
+  struct Kx { int64_t o; };
+  FL_HD Mn mn(int64_t i) const { return {i * G.ys[1]}; }
+  FL_HD Kx k(int64_t j) const {
+    int64_t n, p, q; G.npq(j, n, p, q);
+    return {n * G.ys[0] + p * G.ys[2] + q * G.ys[3]};
+  }
+  FL_HD Tt load(const Mn& a, const Kx& b) const { return gy[a.o + b.o]; }
+};
+
+// grad_output gathered for the input gradient (B: mn = nhw, k = (k_out, r, s)):
+// gy[n, k, p, q] with p = (h + ph - r*dh) / sh, q = (w + pw - s*dw) / sw where
+// those divisions are exact and in range, else zero. With unit stride the
+// offsets split like the input image's; otherwise the division happens per element.
+template <typename Tt, bool UNIT>
+struct ConvGyOp {
+  using T = Tt;
+  const Tt* gy;
+  ConvGeom G;
+  using Mn = SPos;
+  using Kx = SPos;
+  FL_HD SPos mn(int64_t j) const {
+    int64_t n, h, w; G.nhw(j, n, h, w);
+    const int64_t th = h + G.ph, tw = w + G.pw;
+    return {n * G.ys[0] + (UNIT ? th * G.ys[2] + tw * G.ys[3] : 0), th, tw};
+  }
+  FL_HD SPos k(int64_t k) const {
+    int64_t kk, r, s; G.krs(k, kk, r, s);
+    const int64_t h = r * G.dh, w = s * G.dw;
+    return {kk * G.ys[1] - (UNIT ? h * G.ys[2] + w * G.ys[3] : 0), -h, -w};
+  }
+  FL_HD Tt load(const SPos& a, const SPos& b) const {
+    const int64_t th = a.h + b.h, tw = a.w + b.w;
+    if (UNIT) {
+      if (uint64_t(th) >= uint64_t(G.P) || uint64_t(tw) >= uint64_t(G.Q)) return zero_of<Tt>();
+      return gy[a.o + b.o];
+    }
+    if (th < 0 || tw < 0) return zero_of<Tt>();
+    const int64_t p = divq(th, G.sh), q = divq(tw, G.sw);
+    if (p * G.sh != th || q * G.sw != tw || p >= G.P || q >= G.Q) return zero_of<Tt>();
+    return gy[a.o + b.o + p * G.ys[2] + q * G.ys[3]];
+  }
+};
+
+// ---- the three problems ----------------------------------------------------------
 
 template <typename Tt>
 struct ConvFwd {
   using T = Tt;
-  using Acc = typename Num<Tt>::Acc;
+  using AOp = ConvWOp<Tt, true>;
+  using BOp = ConvXOp<Tt, true>;
   int64_t M, N, K;
-  bool a_k_fast = true, b_k_fast = false;
+  bool a_k_fast, b_k_fast;
   ConvGeom G;
-  const Tt* x; const Tt* w; const Tt* bias; Tt* y;
+  const Tt* x; const Tt* w;
+  Tt* c; bool accumulate = false; const Tt* bias_m; const Tt* bias_n = nullptr;
   ConvFwd(const ConvDesc& d, const void* x_, const void* w_, const void* b_, void* y_)
       : G(d), x(static_cast<const Tt*>(x_)), w(static_cast<const Tt*>(w_)),
-        bias(static_cast<const Tt*>(b_)), y(static_cast<Tt*>(y_)) {
+        c(static_cast<Tt*>(y_)), bias_m(static_cast<const Tt*>(b_)) {
+    G.c_fast = G.xs[1] < G.xs[3];
     M = G.Kg; N = d.N * G.PQ; K = G.Cg * G.RS;
+    a_k_fast = (G.c_fast ? G.ws[1] : G.S > 1 ? G.ws[3] : G.R > 1 ? G.ws[2] : G.ws[1]) < G.ws[0];
+    b_k_fast = G.crs_step(G.xs) < G.xs[3] * G.sw;
   }
-  FL_HD Tt a(int g, int64_t i, int64_t k) const {
-    int64_t c, r, s; G.crs(k, c, r, s);
-    return w[(g * G.Kg + i) * G.ws[0] + c * G.ws[1] + r * G.ws[2] + s * G.ws[3]];
-  }
-  FL_HD Tt b(int g, int64_t k, int64_t j) const {
-    int64_t c, r, s, n, p, q; G.crs(k, c, r, s); G.npq(j, n, p, q);
-    const int64_t o = G.x_at(n, g * G.Cg + c, p, q, r, s);
-    return o < 0 ? zero_of<Tt>() : x[o];
-  }
-  FL_HD void store(int g, int64_t i, int64_t j, Acc v) const {
+  FL_HD AOp a_op(int g) const { return {w + g * G.Kg * G.ws[0], G}; }
+  FL_HD BOp b_op(int g) const { return {x + g * G.Cg * G.xs[1], G}; }
+  FL_HD int64_t c_row(int g, int64_t i) const { return (g * G.Kg + i) * G.ys[1]; }
+  FL_HD int64_t c_col(int, int64_t j) const {
     int64_t n, p, q; G.npq(j, n, p, q);
-    const int64_t k = g * G.Kg + i;
-    if (bias) v += Num<Tt>::to_acc(bias[k]);
-    y[n * G.ys[0] + k * G.ys[1] + p * G.ys[2] + q * G.ys[3]] = Num<Tt>::from_acc(v);
+    return n * G.ys[0] + p * G.ys[2] + q * G.ys[3];
   }
 };
 
-template <typename Tt>
-struct ConvDgrad {
+template <typename Tt, bool UNIT>
+struct ConvDgradT {
   using T = Tt;
-  using Acc = typename Num<Tt>::Acc;
+  using AOp = ConvWOp<Tt, false>;
+  using BOp = ConvGyOp<Tt, UNIT>;
   int64_t M, N, K;
-  bool a_k_fast = true, b_k_fast = false;
+  bool a_k_fast, b_k_fast;
   ConvGeom G;
-  const Tt* gy; const Tt* w; Tt* gx;
-  ConvDgrad(const ConvDesc& d, const void* gy_, const void* w_, void* gx_)
+  const Tt* gy; const Tt* w;
+  Tt* c; bool accumulate = false; const Tt* bias_m = nullptr; const Tt* bias_n = nullptr;
+  ConvDgradT(const ConvDesc& d, const void* gy_, const void* w_, void* gx_)
       : G(d), gy(static_cast<const Tt*>(gy_)), w(static_cast<const Tt*>(w_)),
-        gx(static_cast<Tt*>(gx_)) {
+        c(static_cast<Tt*>(gx_)) {
+    G.c_fast = G.ys[1] < G.ys[3];   // channels_last grad_output: k_out fastest in k
     M = G.Cg; N = d.N * G.HW; K = G.Kg * G.RS;
+    a_k_fast = (G.c_fast ? G.ws[0] : G.S > 1 ? G.ws[3] : G.R > 1 ? G.ws[2] : G.ws[0]) < G.ws[1];
+    b_k_fast = G.c_fast;
   }
-  FL_HD Tt a(int g, int64_t i, int64_t k) const {
-    int64_t kk, r, s; G.crs(k, kk, r, s);
-    return w[(g * G.Kg + kk) * G.ws[0] + i * G.ws[1] + r * G.ws[2] + s * G.ws[3]];
-  }
-  FL_HD Tt b(int g, int64_t k, int64_t j) const {
-    int64_t kk, r, s, n, h, wi; G.crs(k, kk, r, s); G.nhw(j, n, h, wi);
-    const int64_t th = h + G.ph - r * G.dh, tw = wi + G.pw - s * G.dw;
-    if (th < 0 || tw < 0) return zero_of<Tt>();
-    const int64_t p = divq(th, G.sh), q = divq(tw, G.sw);
-    if (p * G.sh != th || q * G.sw != tw || p >= G.P || q >= G.Q) return zero_of<Tt>();
-    return gy[n * G.ys[0] + (g * G.Kg + kk) * G.ys[1] + p * G.ys[2] + q * G.ys[3]];
-  }
-  FL_HD void store(int g, int64_t i, int64_t j, Acc v) const {
-    int64_t n, h, wi; G.nhw(j, n, h, wi);
-    gx[n * G.xs[0] + (g * G.Cg + i) * G.xs[1] + h * G.xs[2] + wi * G.xs[3]] = Num<Tt>::from_acc(v);
+  FL_HD AOp a_op(int g) const { return {w + g * G.Kg * G.ws[0], G}; }
+  FL_HD BOp b_op(int g) const { return {gy + g * G.Kg * G.ys[1], G}; }
+  FL_HD int64_t c_row(int g, int64_t i) const { return (g * G.Cg + i) * G.xs[1]; }
+  FL_HD int64_t c_col(int, int64_t j) const {
+    int64_t n, h, w; G.nhw(j, n, h, w);
+    return n * G.xs[0] + h * G.xs[2] + w * G.xs[3];
   }
 };
 
 template <typename Tt>
 struct ConvWgrad {
   using T = Tt;
-  using Acc = typename Num<Tt>::Acc;
+  using AOp = ConvYOp<Tt>;
+  using BOp = ConvXOp<Tt, false>;
   int64_t M, N, K;
-  bool a_k_fast = true, b_k_fast = true;
+  bool a_k_fast, b_k_fast;
   ConvGeom G;
-  const Tt* gy; const Tt* x; Tt* gw;
+  const Tt* gy; const Tt* x;
+  Tt* c; bool accumulate = false; const Tt* bias_m = nullptr; const Tt* bias_n = nullptr;
   ConvWgrad(const ConvDesc& d, const void* gy_, const void* x_, void* gw_)
       : G(d), gy(static_cast<const Tt*>(gy_)), x(static_cast<const Tt*>(x_)),
-        gw(static_cast<Tt*>(gw_)) {
+        c(static_cast<Tt*>(gw_)) {
+    G.c_fast = G.xs[1] < G.xs[3];
     M = G.Kg; N = G.Cg * G.RS; K = d.N * G.PQ;
+    a_k_fast = G.ys[3] < G.ys[1];                 // NCHW grad_output: q is contiguous
+    b_k_fast = G.xs[3] * G.sw < G.crs_step(G.xs);
   }
-  FL_HD Tt a(int g, int64_t i, int64_t k) const {
-    int64_t n, p, q; G.npq(k, n, p, q);
-    return gy[n * G.ys[0] + (g * G.Kg + i) * G.ys[1] + p * G.ys[2] + q * G.ys[3]];
-  }
-  FL_HD Tt b(int g, int64_t k, int64_t j) const {
-    int64_t c, r, s, n, p, q; G.crs(j, c, r, s); G.npq(k, n, p, q);
-    const int64_t o = G.x_at(n, g * G.Cg + c, p, q, r, s);
-    return o < 0 ? zero_of<Tt>() : x[o];
-  }
-  FL_HD void store(int g, int64_t i, int64_t j, Acc v) const {
-    int64_t c, r, s; G.crs(j, c, r, s);
-    gw[(g * G.Kg + i) * G.ws[0] + c * G.ws[1] + r * G.ws[2] + s * G.ws[3]] = Num<Tt>::from_acc(v);
+  FL_HD AOp a_op(int g) const { return {gy + g * G.Kg * G.ys[1], G}; }
+  FL_HD BOp b_op(int g) const { return {x + g * G.Cg * G.xs[1], G}; }
+  FL_HD int64_t c_row(int g, int64_t i) const { return (g * G.Kg + i) * G.ws[0]; }
+  FL_HD int64_t c_col(int, int64_t j) const {
+    int64_t cc, r, s; G.crs(j, cc, r, s);
+    return cc * G.ws[1] + r * G.ws[2] + s * G.ws[3];
   }
 };
 

@@ -1,4 +1,5 @@
-// Conv2d input gradient as implicit GEMM (index map ConvDgrad in conv2d.cuh).
+// Conv2d input gradient as implicit GEMM (index map ConvDgradT in conv2d.cuh; the unit-stride
+// case splits the grad_output offsets like the forward input gather).
 #include "conv2d.cuh"
 
 namespace fastlayers::cuda {
@@ -13,7 +14,9 @@ int conv2d_dgrad(const ConvDesc& d, DType dt, const void* gy, const void* w, voi
                  void* workspace, cudaStream_t stream) {
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return run_gemm(ConvDgrad<T>(d, gy, w, gx), d.groups, dt, workspace, stream);
+    if (d.stride_h == 1 && d.stride_w == 1)
+      return run_gemm(ConvDgradT<T, true>(d, gy, w, gx), d.groups, dt, workspace, stream);
+    return run_gemm(ConvDgradT<T, false>(d, gy, w, gx), d.groups, dt, workspace, stream);
   });
 }
 

@@ -15,25 +15,21 @@ namespace {
 template <typename S>
 struct StridedGemm {
   using T = S;
-  using Acc = typename Num<S>::Acc;
+  using AOp = MatOp<S>;
+  using BOp = MatOp<S>;
   int64_t M, N, K;
   bool a_k_fast, b_k_fast;
   const S* A; int64_t rsA, csA;
   const S* B; int64_t rsB, csB;
-  S* C; int64_t rsC, csC;
+  S* c; int64_t rsC, csC;
   bool accumulate;
   const S* bias_m;
   const S* bias_n;
 
-  __device__ S a(int, int64_t i, int64_t k) const { return A[i * rsA + k * csA]; }
-  __device__ S b(int, int64_t k, int64_t j) const { return B[k * rsB + j * csB]; }
-  __device__ void store(int, int64_t i, int64_t j, Acc v) const {
-    S* c = C + i * rsC + j * csC;
-    if (accumulate) v += Num<S>::to_acc(*c);
-    if (bias_m) v += Num<S>::to_acc(bias_m[i]);
-    if (bias_n) v += Num<S>::to_acc(bias_n[j]);
-    *c = Num<S>::from_acc(v);
-  }
+  FL_HD AOp a_op(int) const { return {A, rsA, csA}; }
+  FL_HD BOp b_op(int) const { return {B, csB, rsB}; }
+  FL_HD int64_t c_row(int, int64_t i) const { return i * rsC; }
+  FL_HD int64_t c_col(int, int64_t j) const { return j * csC; }
 };
 
 // Grids have at most 65535 row tiles: a very tall product is computed as the
@@ -57,7 +53,7 @@ StridedGemm<S> make_problem(const GemmDesc& d) {
   p.b_k_fast = std::llabs(d.rsB) < std::llabs(d.csB);
   p.A = static_cast<const S*>(d.A); p.rsA = d.rsA; p.csA = d.csA;
   p.B = static_cast<const S*>(d.B); p.rsB = d.rsB; p.csB = d.csB;
-  p.C = static_cast<S*>(d.C); p.rsC = d.rsC; p.csC = d.csC;
+  p.c = static_cast<S*>(d.C); p.rsC = d.rsC; p.csC = d.csC;
   p.accumulate = d.accumulate;
   p.bias_m = static_cast<const S*>(d.bias_m);
   p.bias_n = static_cast<const S*>(d.bias_n);

@@ -1,25 +1,32 @@
-// Tiled GEMM kernels shared by gemm.cu (plain strided matrices) and conv2d.cu
+// Tiled GEMM kernels shared by gemm.cu (plain strided matrices) and conv2d*.cu
 // (implicit GEMM: the operands are gathered on the fly, nothing materialised).
 //
 // A kernel computes, for every group g, C_g[M x N] = A_g[M x K] . B_g[K x N].
-// The operands are described by a "problem" struct P with
-//   using T;                   storage type (float, double, __half, __nv_bfloat16)
+// A problem struct P describes the operands and the epilogue:
+//   using T; using AOp; using BOp;   storage type and the two operand types
 //   int64_t M, N, K;
-//   bool a_k_fast, b_k_fast;   whether neighbouring k are closest in memory
-//                              (picks the thread -> element mapping of tile
-//                              loads, for coalescing; correctness never
-//                              depends on it)
-//   T a(int g, int64_t i, int64_t k) const;   element of A (zero outside)
-//   T b(int g, int64_t k, int64_t j) const;   element of B
-//   void store(int g, int64_t i, int64_t j, Acc v) const;   epilogue
-// Both kernels stage BM x BK and BK x BN tiles in shared memory (double
-// buffered: the next tile is fetched into registers while the current one is
-// multiplied).
-//  * gemm_simt_kernel (float/double): 256 threads as a 16 x 16 grid; thread
-//    (ty, tx) owns rows ty + 16 i and columns tx + 16 j (register blocking
-//    TM x TN), so shared-memory reads are conflict-free and stores coalesce.
-//  * gemm_wmma_kernel (half/bfloat16): tensor cores through WMMA 16x16x16,
-//    fp32 accumulation; 8 warps as 2 x 4, each warp a 64 x 32 block of C.
+//   bool a_k_fast, b_k_fast;         whether neighbouring k are closest in memory
+//                                    (picks the thread -> element map of tile loads,
+//                                    for coalescing; correctness never depends on it)
+//   AOp a_op(int g); BOp b_op(int g);
+//   T* c; bool accumulate; const T* bias_m (index g*M + i); const T* bias_n (index j);
+//   int64_t c_row(int g, int64_t i), c_col(int g, int64_t j): C element offset = sum.
+// An operand ("Op") splits the address of element (mn, k) into a part that
+// depends only on mn (a row of A / a column of B) and a part that depends only
+// on k, so each thread decodes its few rows once and one k per tile:
+//   struct Mn; struct Kx;  Mn mn(int64_t); Kx k(int64_t);
+//   T load(const Mn&, const Kx&)     the element, or zero where it is padding.
+// A plain matrix is offset(mn) + offset(k); a convolution input is
+// x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] = (n, p, q) part + (c, r, s) part,
+// zero when the row/column sum falls outside the image.
+//
+//  * gemm_simt_kernel (float/double): BM x BN x 8 tiles, 256 threads as a 16 x 16
+//    grid; thread (ty, tx) owns rows ty*4 + 64*ii + {0..3} and columns
+//    tx*4 + 64*jj + {0..3} (a TM x TN register block read from shared memory as
+//    4-wide vectors). Tiles are double buffered: the next tile is fetched into
+//    registers while the current one is multiplied.
+//  * gemm_wmma_kernel (half/bfloat16 fallback): tensor cores through WMMA 16x16x16,
+//    fp32 accumulation; 8 warps as 2 x 4, each a 64 x 32 block of C.
 // Split-K: blockIdx.z = g * splits + split. With splits > 1 each block writes
 // its partial C (in Acc) to a workspace and gemm_splitk_reduce sums the
 // splits in a fixed order, then runs the epilogue: deterministic.
@@ -34,18 +41,116 @@ namespace fastlayers::cuda {
 
 constexpr int kGemmThreads = 256;
 
-template <class P, int BM, int BN, int BK, int TM, int TN>
+// ---- operands ---------------------------------------------------------------------
+
+// Plain strided matrix: element (mn, k) at p[mn * smn + k * sk].
+template <typename Tt>
+struct MatOp {
+  using T = Tt;
+  const Tt* p; int64_t smn, sk;
+  struct Mn { int64_t o; };
+  struct Kx { int64_t o; };
+  FL_HD Mn mn(int64_t i) const { return {i * smn}; }
+  FL_HD Kx k(int64_t k) const { return {k * sk}; }
+  FL_HD Tt load(const Mn& a, const Kx& b) const { return p[a.o + b.o]; }
+};
+
+// Element (i, k) of A or (k, j) of B, one at a time (WMMA fallback, host checks).
+template <class P>
+FL_HD typename P::T elem_a(const P& p, int g, int64_t i, int64_t k) {
+  const auto op = p.a_op(g);
+  return op.load(op.mn(i), op.k(k));
+}
+template <class P>
+FL_HD typename P::T elem_b(const P& p, int g, int64_t k, int64_t j) {
+  const auto op = p.b_op(g);
+  return op.load(op.mn(j), op.k(k));
+}
+
+// The epilogue: C[o] = (accumulate ? C[o] : 0) + v + bias_m[g*M + i] + bias_n[j].
+template <class P>
+FL_HD void store_c_at(const P& p, int g, int64_t i, int64_t j, int64_t o,
+                      typename Num<typename P::T>::Acc v) {
+  using T = typename P::T;
+  if (p.bias_m) v += Num<T>::to_acc(p.bias_m[int64_t(g) * p.M + i]);
+  if (p.bias_n) v += Num<T>::to_acc(p.bias_n[j]);
+  if (p.accumulate) v += Num<T>::to_acc(p.c[o]);
+  p.c[o] = Num<T>::from_acc(v);
+}
+template <class P>
+FL_HD void store_c(const P& p, int g, int64_t i, int64_t j, typename Num<typename P::T>::Acc v) {
+  store_c_at(p, g, i, j, p.c_row(g, i) + p.c_col(g, j), v);
+}
+
+// ---- SIMT kernel (float / double) -------------------------------------------------
+
+constexpr int kSimtBK = 8, kSimtPad = 4;
+
+// Loads this thread's E elements of an operand tile (BMN rows/columns x 8 k) into
+// registers, then stores them into the shared tile s[k][mn] (leading dimension ld).
+// k-fast map: 8 threads per row/column read 8 neighbouring k (32 bytes for
+// float); mn-fast map: a warp reads 32 neighbouring rows/columns at one k.
+// Element e of the thread is mn = mnl0 + 32 e, k = kl.
+template <class Op, int E>
+struct TileLoader {
+  using T = typename Op::T;
+  typename Op::Mn mi[E];
+  bool mv[E];
+  int mnl0, kl;
+  T r[E];
+  FL_HD void init(const Op& op, int64_t mn0, int64_t MN, bool kfast, int tid) {
+    kl = kfast ? tid % kSimtBK : tid / 32;
+    mnl0 = kfast ? tid / kSimtBK : tid % 32;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int64_t m = mn0 + mnl0 + 32 * e;
+      mv[e] = m < MN;
+      mi[e] = op.mn(mv[e] ? m : mn0);
+    }
+  }
+  FL_HD void load(const Op& op, int64_t k0, int64_t kend) {
+    const int64_t k = k0 + kl;
+    if (k < kend) {
+      const typename Op::Kx kx = op.k(k);
+#pragma unroll
+      for (int e = 0; e < E; ++e) r[e] = mv[e] ? op.load(mi[e], kx) : zero_of<T>();
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) r[e] = zero_of<T>();
+    }
+  }
+  FL_HD void store(T* s, int ld) const {
+#pragma unroll
+    for (int e = 0; e < E; ++e) s[kl * ld + mnl0 + 32 * e] = r[e];
+  }
+};
+
+// Four neighbouring shared-memory values (16-byte aligned for float) as Acc.
+template <typename T, typename Acc>
+__device__ __forceinline__ void lds4(const T* s, Acc* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(s);
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = Num<T>::to_acc(s[i]);
+  }
+}
+
+// Rows/columns of the register block: thread coordinate t (ty or tx) owns
+// t*4 + 64*blk + i, i < 4.
+FL_HD __forceinline__ int simt_local(int t, int idx) { return t * 4 + 64 * (idx / 4) + idx % 4; }
+
+template <class P, int BM, int BN>
 __global__ void __launch_bounds__(kGemmThreads)
 gemm_simt_kernel(P p, typename Num<typename P::T>::Acc* ws, int splits, int64_t kchunk) {
   using T = typename P::T;
   using Acc = typename Num<T>::Acc;
-  static_assert(BM == 16 * TM && BN == 16 * TN, "16 x 16 thread grid");
-  constexpr int AE = BM * BK / kGemmThreads;
-  constexpr int BE = BK * BN / kGemmThreads;
-  static_assert(AE * kGemmThreads == BM * BK && BE * kGemmThreads == BK * BN, "tile split");
-  constexpr int PAD = 4;
-  __shared__ T As[2][BK][BM + PAD];
-  __shared__ T Bs[2][BK][BN + PAD];
+  constexpr int BK = kSimtBK, LDA = BM + kSimtPad, LDB = BN + kSimtPad;
+  constexpr int TM = BM / 16, TN = BN / 16, EA = BM / 32, EB = BN / 32;
+  static_assert(BM % 64 == 0 && BN % 64 == 0, "64-multiple tiles");
+  __shared__ __align__(16) T As[2][BK * LDA];
+  __shared__ __align__(16) T Bs[2][BK * LDB];
 
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int zg = blockIdx.z, g = zg / splits, sp = zg % splits;
@@ -54,35 +159,12 @@ gemm_simt_kernel(P p, typename Num<typename P::T>::Acc* ws, int splits, int64_t 
   const int64_t kend = kbeg + kchunk < p.K ? kbeg + kchunk : p.K;
   const int64_t ntiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
 
-  T ra[AE], rb[BE];
-  auto a_pos = [&](int r, int& ml, int& kl) {
-    const int e = tid + r * kGemmThreads;
-    if (p.a_k_fast) { kl = e % BK; ml = e / BK; } else { ml = e % BM; kl = e / BM; }
-  };
-  auto b_pos = [&](int r, int& kl, int& nl) {
-    const int e = tid + r * kGemmThreads;
-    if (p.b_k_fast) { kl = e % BK; nl = e / BK; } else { nl = e % BN; kl = e / BN; }
-  };
-  auto fetch = [&](int64_t k0) {
-#pragma unroll
-    for (int r = 0; r < AE; ++r) {
-      int ml, kl; a_pos(r, ml, kl);
-      const int64_t gm = m0 + ml, gk = k0 + kl;
-      ra[r] = (gm < p.M && gk < kend) ? p.a(g, gm, gk) : zero_of<T>();
-    }
-#pragma unroll
-    for (int r = 0; r < BE; ++r) {
-      int kl, nl; b_pos(r, kl, nl);
-      const int64_t gn = n0 + nl, gk = k0 + kl;
-      rb[r] = (gn < p.N && gk < kend) ? p.b(g, gk, gn) : zero_of<T>();
-    }
-  };
-  auto stash = [&](int buf) {
-#pragma unroll
-    for (int r = 0; r < AE; ++r) { int ml, kl; a_pos(r, ml, kl); As[buf][kl][ml] = ra[r]; }
-#pragma unroll
-    for (int r = 0; r < BE; ++r) { int kl, nl; b_pos(r, kl, nl); Bs[buf][kl][nl] = rb[r]; }
-  };
+  const auto aop = p.a_op(g);
+  const auto bop = p.b_op(g);
+  TileLoader<std::remove_const_t<decltype(aop)>, EA> la;
+  TileLoader<std::remove_const_t<decltype(bop)>, EB> lb;
+  la.init(aop, m0, p.M, p.a_k_fast, tid);
+  lb.init(bop, n0, p.N, p.b_k_fast, tid);
 
   Acc acc[TM][TN];
 #pragma unroll
@@ -90,37 +172,53 @@ gemm_simt_kernel(P p, typename Num<typename P::T>::Acc* ws, int splits, int64_t 
 #pragma unroll
     for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
 
-  if (ntiles > 0) { fetch(kbeg); stash(0); }
+  if (ntiles > 0) {
+    la.load(aop, kbeg, kend); lb.load(bop, kbeg, kend);
+    la.store(As[0], LDA); lb.store(Bs[0], LDB);
+  }
   __syncthreads();
   for (int64_t t = 0; t < ntiles; ++t) {
     const int buf = int(t & 1);
-    if (t + 1 < ntiles) fetch(kbeg + (t + 1) * BK);
+    if (t + 1 < ntiles) {
+      la.load(aop, kbeg + (t + 1) * BK, kend);
+      lb.load(bop, kbeg + (t + 1) * BK, kend);
+    }
+    const T* as = As[buf];
+    const T* bs = Bs[buf];
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
       Acc a[TM], b[TN];
 #pragma unroll
-      for (int i = 0; i < TM; ++i) a[i] = Num<T>::to_acc(As[buf][kk][ty + 16 * i]);
+      for (int i = 0; i < TM; i += 4) lds4(as + kk * LDA + ty * 4 + 16 * i, a + i);
 #pragma unroll
-      for (int j = 0; j < TN; ++j) b[j] = Num<T>::to_acc(Bs[buf][kk][tx + 16 * j]);
+      for (int j = 0; j < TN; j += 4) lds4(bs + kk * LDB + tx * 4 + 16 * j, b + j);
 #pragma unroll
       for (int i = 0; i < TM; ++i)
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
     }
-    if (t + 1 < ntiles) stash(buf ^ 1);
+    if (t + 1 < ntiles) { la.store(As[buf ^ 1], LDA); lb.store(Bs[buf ^ 1], LDB); }
     __syncthreads();
   }
 
+  // Epilogue: row and column offsets decoded once per thread.
+  int64_t co[TN];
+#pragma unroll
+  for (int j = 0; j < TN; ++j) {
+    const int64_t gn = n0 + simt_local(tx, j);
+    co[j] = (splits == 1 && gn < p.N) ? p.c_col(g, gn) : 0;
+  }
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
-    const int64_t gm = m0 + ty + 16 * i;
+    const int64_t gm = m0 + simt_local(ty, i);
     if (gm >= p.M) continue;
+    const int64_t ro = splits == 1 ? p.c_row(g, gm) : 0;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
-      const int64_t gn = n0 + tx + 16 * j;
+      const int64_t gn = n0 + simt_local(tx, j);
       if (gn >= p.N) continue;
       if (splits > 1) ws[(int64_t(zg) * p.M + gm) * p.N + gn] = acc[i][j];
-      else p.store(g, gm, gn, acc[i][j]);
+      else store_c_at(p, g, gm, gn, ro + co[j], acc[i][j]);
     }
   }
 }
@@ -161,13 +259,13 @@ gemm_wmma_kernel(P p, float* ws, int splits, int64_t kchunk) {
     for (int r = 0; r < AE; ++r) {
       int ml, kl; a_pos(r, ml, kl);
       const int64_t gm = m0 + ml, gk = k0 + kl;
-      ra[r] = (gm < p.M && gk < kend) ? p.a(g, gm, gk) : zero_of<T>();
+      ra[r] = (gm < p.M && gk < kend) ? elem_a(p, g, gm, gk) : zero_of<T>();
     }
 #pragma unroll
     for (int r = 0; r < BE; ++r) {
       int kl, nl; b_pos(r, kl, nl);
       const int64_t gn = n0 + nl, gk = k0 + kl;
-      rb[r] = (gn < p.N && gk < kend) ? p.b(g, gk, gn) : zero_of<T>();
+      rb[r] = (gn < p.N && gk < kend) ? elem_b(p, g, gk, gn) : zero_of<T>();
     }
   };
   auto stash = [&](int buf) {
@@ -220,7 +318,7 @@ gemm_wmma_kernel(P p, float* ws, int splits, int64_t kchunk) {
         const int64_t gn = n0 + wn * 32 + j * 16 + e % 16;
         if (gm < p.M && gn < p.N) {
           if (splits > 1) ws[(int64_t(zg) * p.M + gm) * p.N + gn] = cs[e];
-          else p.store(g, gm, gn, cs[e]);
+          else store_c(p, g, gm, gn, cs[e]);
         }
       }
       __syncwarp();
@@ -240,37 +338,43 @@ __global__ void gemm_splitk_reduce(P p, const typename Num<typename P::T>::Acc* 
     const Acc* w = ws + g * splits * mn + r;
     Acc s = Acc(0);
     for (int k = 0; k < splits; ++k) s += w[int64_t(k) * mn];
-    p.store(int(g), i, j, s);
+    store_c(p, int(g), i, j, s);
   }
 }
 
 // ---- planning and launch -------------------------------------------------------
 
 struct GemmPlan {
-  int cfg = 0;            // 0: SIMT 64x64, 1: SIMT 128x128, 2: WMMA 128x128
+  int cfg = 0;            // 0: SIMT 64x64, 1: SIMT 128x128, 2: WMMA 128x128, 3: SIMT 64x128
   int64_t BM = 64, BN = 64, BK = 8;
   int splits = 1;
   int64_t kchunk = 0;
   int64_t ws_bytes = 0;
 };
 
+constexpr int64_t kWave = 132;   // thread blocks that fill an H100/H200 once (1 per SM)
+
 // Depends only on the shape and dtype, so the split (hence the summation
 // order) is the same on every run.
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int64_t groups, DType dt) {
   GemmPlan pl;
   const bool tc = dt == DType::F16 || dt == DType::BF16;
+  auto tiles_of = [&](int64_t bm, int64_t bn) { return ceil_div(M, bm) * ceil_div(N, bn) * groups; };
   if (tc) {
     pl.cfg = 2; pl.BM = kWmmaBM; pl.BN = kWmmaBN; pl.BK = kWmmaBK;
-  } else if (dt == DType::F32 && M >= 128 && N >= 128 &&
-             ceil_div(M, 128) * ceil_div(N, 128) * groups >= 264) {
-    pl.cfg = 1; pl.BM = 128; pl.BN = 128; pl.BK = 8;
+  } else if (dt == DType::F32 && M > 96 && N > 96 && tiles_of(128, 128) >= kWave) {
+    pl.cfg = 1; pl.BM = 128; pl.BN = 128;
+  } else if (dt == DType::F32 && N > 96 && tiles_of(64, 128) >= kWave) {
+    pl.cfg = 3; pl.BM = 64; pl.BN = 128;
   }
-  const int64_t tiles = ceil_div(M, pl.BM) * ceil_div(N, pl.BN) * groups;
+  const int64_t tiles = tiles_of(pl.BM, pl.BN);
   const int64_t acc_size = dt == DType::F64 ? 8 : 4;
   int64_t splits = 1;
-  if (tiles < 264 && K >= 2048) {
-    splits = ceil_div(528, tiles);
-    if (splits > K / 1024) splits = K / 1024;
+  // Too few tiles to fill the GPU and a long reduction: split K (each split
+  // keeps at least 256 k).
+  if (tiles < kWave && K >= 1024) {
+    splits = ceil_div(2 * kWave, tiles);
+    if (splits > K / 256) splits = K / 256;
     if (splits > 64) splits = 64;
     while (splits > 1 && (groups * splits > 65535 ||
                           groups * splits * M * N * acc_size > (int64_t(1) << 28)))
@@ -298,11 +402,13 @@ int run_gemm(const P& p, int64_t groups, DType dt, void* workspace, cudaStream_t
   const dim3 grid{unsigned(gx), unsigned(gy), unsigned(gz)};
   if constexpr (std::is_same_v<typename P::T, float>) {
     if (pl.cfg == 1)
-      gemm_simt_kernel<P, 128, 128, 8, 8, 8><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
+      gemm_simt_kernel<P, 128, 128><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
+    else if (pl.cfg == 3)
+      gemm_simt_kernel<P, 64, 128><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
     else
-      gemm_simt_kernel<P, 64, 64, 8, 4, 4><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
+      gemm_simt_kernel<P, 64, 64><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
   } else if constexpr (std::is_same_v<typename P::T, double>) {
-    gemm_simt_kernel<P, 64, 64, 8, 4, 4><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
+    gemm_simt_kernel<P, 64, 64><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
   } else {
     gemm_wmma_kernel<P><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
   }
