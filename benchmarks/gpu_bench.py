@@ -123,6 +123,25 @@ def case_linear():
     record("linear 512x1024->1024 fp32 fwd+bwd", t, None, "TFLOP/s", 3 * 2 * 512 * 1024 * 1024)
 
 
+def case_linear_bf16(n=4096):
+    x, w = torch.randn(n, n, device=DEV).bfloat16(), torch.randn(n, n, device=DEV).bfloat16()
+    gy = torch.randn(n, n, device=DEV).bfloat16()
+    gx, gw, _ = ops.linear_backward(gy, x, w, [True, True, False])
+    err = max(rel_err(gx, gy.float() @ w.float()), rel_err(gw, gy.float().t() @ x.float()))
+
+    def tf():
+        F.linear(x, w)
+        gy.mm(w), gy.t().mm(x)
+
+    def of():
+        ops.linear_forward(x, w, None)
+        ops.linear_backward(gy, x, w, [True, True, False])
+
+    t = bench({"torch": tf, "ours": of}, reps=10, warmup=2)
+    record(f"linear {n}x{n}->{n} bf16 fwd+bwd", t, {"max_rel_err_bwd": err}, "TFLOP/s",
+           3 * 2 * n**3)
+
+
 def case_conv():
     x = torch.randn(32, 64, 56, 56, device=DEV)
     w = torch.randn(64, 64, 3, 3, device=DEV) * 0.05
@@ -147,6 +166,21 @@ def case_conv():
 
     t = bench({"torch": tf, "ours": of}, reps=8)
     record("conv 32x64x56x56 k3p1 ->64 fp32 fwd+bwd", t, None, "TFLOP/s", 3 * flops)
+    for name, mask in (("dgrad", [True, False, False]), ("wgrad", [False, True, False])):
+        if over_budget():
+            return
+        t = bench({"torch": lambda: torch.ops.aten.convolution_backward(
+                       gy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask),
+                   "ours": lambda: ops.conv2d_backward(gy, x, w, [1, 1], [1, 1], [1, 1], 1, mask)},
+                  reps=8)
+        record(f"conv 32x64x56x56 k3p1 ->64 fp32 {name}", t, None, "TFLOP/s", flops)
+    xc, gyc = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
+    wc = w.to(memory_format=torch.channels_last)
+    err = rel_err(ops.conv2d_forward(xc, wc, b, [1, 1], [1, 1], [1, 1], 1), F.conv2d(xc, wc, b, 1, 1))
+    t = bench({"torch": lambda: F.conv2d(xc, wc, b, 1, 1),
+               "ours": lambda: ops.conv2d_forward(xc, wc, b, [1, 1], [1, 1], [1, 1], 1)}, reps=10)
+    record("conv 32x64x56x56 k3p1 ->64 fp32 fwd channels_last", t, {"max_rel_err": err},
+           "TFLOP/s", flops)
 
 
 def case_bn():
@@ -170,6 +204,26 @@ def case_bn():
     nbytes = x.numel() * 4 * 5   # fwd: read x, write y; bwd: read x, gy, write gx
     record("batchnorm 32x64x112x112 fp32 train fwd+bwd", t,
            {"max_rel_err": err, "bytes_model": "5 tensor passes"}, "GB/s", nbytes)
+    if over_budget():
+        return
+    t = bench({"torch": lambda: torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5),
+               "ours": lambda: ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)},
+              reps=15, flush=True)
+    record("batchnorm 32x64x112x112 fp32 train fwd", t, {"bytes_model": "read x, write y"},
+           "GB/s", x.numel() * 4 * 2)
+    _, sm_t, si_t = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)
+    t = bench({"torch": lambda: torch.ops.aten.native_batch_norm_backward(
+                   gy, x, w, rm, rv, sm_t, si_t, True, 1e-5, [True, True, True]),
+               "ours": lambda: ops.batch_norm_backward(gy, x, w, m, s, True, [True, True, True])},
+              reps=15, flush=True)
+    record("batchnorm 32x64x112x112 fp32 bwd", t, {"bytes_model": "read x, gy, write gx"},
+           "GB/s", x.numel() * 4 * 3)
+    xc = x.to(memory_format=torch.channels_last)
+    t = bench({"torch": lambda: torch.ops.aten.native_batch_norm(xc, w, b, rm, rv, True, 0.1, 1e-5),
+               "ours": lambda: ops.batch_norm_train(xc, w, b, rm, rv, 0.1, 1e-5)},
+              reps=15, flush=True)
+    record("batchnorm 32x64x112x112 fp32 train fwd channels_last", t,
+           {"bytes_model": "read x, write y"}, "GB/s", x.numel() * 4 * 2)
 
 
 def case_pool():
@@ -195,6 +249,29 @@ def case_pool():
            {"matches_torch": ok, "offsets_bytes": off.numel() * off.element_size(),
             "torch_indices_bytes": idx.numel() * idx.element_size(),
             "bytes_model": "x + out + gy + gx (data only)"}, "GB/s", nbytes)
+    if over_budget():
+        return
+    t = bench({"torch": lambda: F.max_pool2d(x, 3, 2, 1, return_indices=True),
+               "ours": lambda: ops.max_pool2d_forward(x, [3, 3], [2, 2], [1, 1], [1, 1], False)},
+              reps=15, flush=True)
+    record("maxpool k3s2p1 32x64x112x112 fp32 fwd", t, {"bytes_model": "x + out (data only)"},
+           "GB/s", (x.numel() + out.numel()) * 4)
+    t = bench({"torch": lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+                   gy, x, [3, 3], [2, 2], [1, 1], [1, 1], False, idx),
+               "ours": lambda: ops.max_pool2d_backward(gy, off, [32, 64, 112, 112], [3, 3], [2, 2],
+                                                       [1, 1], [1, 1], False)},
+              reps=15, flush=True)
+    record("maxpool k3s2p1 32x64x112x112 fp32 bwd", t, {"bytes_model": "gy + gx (data only)"},
+           "GB/s", (x.numel() + out.numel()) * 4)
+    xc = x.to(memory_format=torch.channels_last)
+    okc = torch.equal(ops.max_pool2d_forward(xc, [3, 3], [2, 2], [1, 1], [1, 1], False)[0],
+                      F.max_pool2d(xc, 3, 2, 1))
+    t = bench({"torch": lambda: F.max_pool2d(xc, 3, 2, 1, return_indices=True),
+               "ours": lambda: ops.max_pool2d_forward(xc, [3, 3], [2, 2], [1, 1], [1, 1], False)},
+              reps=15, flush=True)
+    record("maxpool k3s2p1 32x64x112x112 fp32 fwd channels_last", t,
+           {"matches_torch": okc, "bytes_model": "x + out (data only)"}, "GB/s",
+           (x.numel() + out.numel()) * 4)
 
 
 def main():
@@ -203,7 +280,7 @@ def main():
     COPY_GBPS = copy_bandwidth()
     print(f"device-to-device copy: {COPY_GBPS:.0f} GB/s", flush=True)
     cases = [lambda: case_gemm(torch.float32), lambda: case_gemm(torch.bfloat16), case_linear,
-             case_conv, case_bn, case_pool]
+             case_linear_bf16, case_conv, case_bn, case_pool]
     for c in cases:
         if over_budget():
             break

@@ -18,11 +18,26 @@ namespace fastlayers::cuda {
 struct ConvGeom {
   int64_t C, H, W, K, R, S, P, Q, sh, sw, ph, pw, dh, dw, Cg, Kg, RS, PQ, HW;
   int64_t xs[4], ws[4], ys[4];
+  // Index decoding divides by these; when every index fits in 31 bits (small)
+  // the divisions are multiply-shifts (FastDiv), else 64-bit divisions.
+  bool small = false;
+  FastDiv fRS, fS, fPQ, fQ, fHW, fW, fCg, fKg, fsh, fsw;
   explicit ConvGeom(const ConvDesc& d)
       : C(d.C), H(d.H), W(d.W), K(d.K), R(d.R), S(d.S), P(d.P), Q(d.Q), sh(d.stride_h),
         sw(d.stride_w), ph(d.pad_h), pw(d.pad_w), dh(d.dil_h), dw(d.dil_w),
         Cg(d.C / d.groups), Kg(d.K / d.groups), RS(d.R * d.S), PQ(d.P * d.Q), HW(d.H * d.W) {
     for (int i = 0; i < 4; ++i) { xs[i] = d.x_str[i]; ws[i] = d.w_str[i]; ys[i] = d.y_str[i]; }
+    const int64_t lim = int64_t(1) << 31;
+    small = d.N * PQ < lim && d.N * HW < lim && Cg * RS < lim && Kg * RS < lim &&
+            H + ph < lim && W + pw < lim && RS > 0 && PQ > 0 && HW > 0 && Cg > 0 && Kg > 0;
+    if (small) {
+      auto f = [](int64_t v) { return FastDiv(uint32_t(v)); };
+      fRS = f(RS); fS = f(S); fPQ = f(PQ); fQ = f(Q); fHW = f(HW); fW = f(W);
+      fCg = f(Cg); fKg = f(Kg); fsh = f(sh); fsw = f(sw);
+    }
+  }
+  FL_HD __forceinline__ int64_t dv(int64_t a, int64_t b, const FastDiv& f) const {
+    return small ? int64_t(f.div(uint32_t(a))) : divq(a, b);
   }
   // Order of the reduction index over (channel, r, s): channel-major (c, r, s)
   // by default; (r, s, c) with the channel fastest when the gathered tensor is
@@ -31,9 +46,9 @@ struct ConvGeom {
   FL_HD __forceinline__ void chrs(int64_t k, int64_t nch, int64_t& c, int64_t& r,
                                   int64_t& s) const {
     int64_t t;
-    if (c_fast) { t = divq(k, nch); c = k - t * nch; }
-    else { c = divq(k, RS); t = k - c * RS; }
-    r = divq(t, S); s = t - r * S;
+    if (c_fast) { t = dv(k, nch, nch == Cg ? fCg : fKg); c = k - t * nch; }
+    else { c = dv(k, RS, fRS); t = k - c * RS; }
+    r = dv(t, S, fS); s = t - r * S;
   }
   // (c, r, s) from an index over C/G x R x S; (k, r, s) from one over K/G x R x S.
   FL_HD __forceinline__ void crs(int64_t k, int64_t& c, int64_t& r, int64_t& s) const {
@@ -49,14 +64,14 @@ struct ConvGeom {
     return S > 1 ? st[3] * dw : (R > 1 ? st[2] * dh : st[1]);
   }
   FL_HD __forceinline__ void npq(int64_t j, int64_t& n, int64_t& p, int64_t& q) const {
-    n = divq(j, PQ);
+    n = dv(j, PQ, fPQ);
     const int64_t t = j - n * PQ;
-    p = divq(t, Q); q = t - p * Q;
+    p = dv(t, Q, fQ); q = t - p * Q;
   }
   FL_HD __forceinline__ void nhw(int64_t j, int64_t& n, int64_t& h, int64_t& w) const {
-    n = divq(j, HW);
+    n = dv(j, HW, fHW);
     const int64_t t = j - n * HW;
-    h = divq(t, W); w = t - h * W;
+    h = dv(t, W, fW); w = t - h * W;
   }
 };
 
@@ -156,7 +171,7 @@ struct ConvGyOp {
       return gy[a.o + b.o];
     }
     if (th < 0 || tw < 0) return zero_of<Tt>();
-    const int64_t p = divq(th, G.sh), q = divq(tw, G.sw);
+    const int64_t p = G.dv(th, G.sh, G.fsh), q = G.dv(tw, G.sw, G.fsw);
     if (p * G.sh != th || q * G.sw != tw || p >= G.P || q >= G.Q) return zero_of<Tt>();
     return gy[a.o + b.o + p * G.ys[2] + q * G.ys[3]];
   }
