@@ -55,13 +55,13 @@ static void emulate_simt(const P& p, int64_t groups, const GemmPlan& pl) {
   using AOp = typename P::AOp;
   using BOp = typename P::BOp;
   constexpr int NT = kGemmThreads, BK = kSimtBK, LDA = BM + kSimtPad, LDB = BN + kSimtPad;
-  constexpr int TM = BM / 16, TN = BN / 16, EA = BM / 32, EB = BN / 32;
+  constexpr int TM = BM / 16, TN = BN / 16, EA = BM / 32, EB = BN / 32, KH = BK / 8;
   if (pl.BM != BM || pl.BN != BN) { std::printf("FAIL plan tile\n"); std::exit(1); }
   std::vector<Acc> ws(pl.splits > 1 ? size_t(groups * pl.splits * p.M * p.N) : 0, Acc(NAN));
   const int64_t gy = ceil_div(p.M, BM), gx = ceil_div(p.N, BN), gz = groups * pl.splits;
   std::vector<T> As(2 * BK * LDA), Bs(2 * BK * LDB);
-  std::vector<TileLoader<AOp, EA>> la(NT);
-  std::vector<TileLoader<BOp, EB>> lb(NT);
+  std::vector<TileLoader<AOp, EA, KH>> la(NT);
+  std::vector<TileLoader<BOp, EB, KH>> lb(NT);
   std::vector<Acc> acc(NT * TM * TN);
   for (int64_t bz = 0; bz < gz; ++bz)
     for (int64_t by = 0; by < gy; ++by)
@@ -89,7 +89,8 @@ static void emulate_simt(const P& p, int64_t groups, const GemmPlan& pl) {
           const T* as = As.data() + buf * BK * LDA;
           const T* bs = Bs.data() + buf * BK * LDB;
           for (int tid = 0; tid < NT; ++tid) {
-            const int tx = tid % 16, ty = tid / 16;
+            int ty, tx;
+            simt_thread(tid, ty, tx);
             if (t + 1 < ntiles) {
               la[tid].load(aop, kbeg + (t + 1) * BK, kend);
               lb[tid].load(bop, kbeg + (t + 1) * BK, kend);
@@ -109,7 +110,8 @@ static void emulate_simt(const P& p, int64_t groups, const GemmPlan& pl) {
             }
         }
         for (int tid = 0; tid < NT; ++tid) {
-          const int tx = tid % 16, ty = tid / 16;
+          int ty, tx;
+          simt_thread(tid, ty, tx);
           for (int i = 0; i < TM; ++i) {
             const int64_t gm = m0 + simt_local(ty, i);
             if (gm >= p.M) continue;

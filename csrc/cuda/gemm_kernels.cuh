@@ -20,8 +20,8 @@
 // x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] = (n, p, q) part + (c, r, s) part,
 // zero when the row/column sum falls outside the image.
 //
-//  * gemm_simt_kernel (float/double): BM x BN x 8 tiles, 256 threads as a 16 x 16
-//    grid; thread (ty, tx) owns rows ty*4 + 64*ii + {0..3} and columns
+//  * gemm_simt_kernel (float/double): BM x BN x 16 tiles, 256 threads as a 16 x 16
+//    grid (a warp is a 4 x 8 patch of it); thread (ty, tx) owns rows ty*4 + 64*ii + {0..3} and columns
 //    tx*4 + 64*jj + {0..3} (a TM x TN register block read from shared memory as
 //    4-wide vectors). Tiles are double buffered: the next tile is fetched into
 //    registers while the current one is multiplied.
@@ -84,46 +84,60 @@ FL_HD void store_c(const P& p, int g, int64_t i, int64_t j, typename Num<typenam
 
 // ---- SIMT kernel (float / double) -------------------------------------------------
 
-constexpr int kSimtBK = 8, kSimtPad = 4;
+constexpr int kSimtBK = 16, kSimtPad = 4;
 
-// Loads this thread's E elements of an operand tile (BMN rows/columns x 8 k) into
-// registers, then stores them into the shared tile s[k][mn] (leading dimension ld).
-// k-fast map: 8 threads per row/column read 8 neighbouring k (32 bytes for
-// float); mn-fast map: a warp reads 32 neighbouring rows/columns at one k.
-// Element e of the thread is mn = mnl0 + 32 e, k = kl.
-template <class Op, int E>
+// Loads this thread's elements of an operand tile (32*EM rows/columns x 8*KH k)
+// into registers, then stores them into the shared tile s[k][mn] (leading
+// dimension ld). k-fast map: 8 threads per row/column read 8 neighbouring k
+// (32 bytes for float); mn-fast map: a warp reads 32 neighbouring
+// rows/columns at one k. Element (em, kh) of the thread is mn = mnl0 + 32 em,
+// k = kl + 8 kh; each k is decoded once per tile.
+template <class Op, int EM, int KH>
 struct TileLoader {
   using T = typename Op::T;
-  typename Op::Mn mi[E];
-  bool mv[E];
+  typename Op::Mn mi[EM];
+  bool mv[EM];
   int mnl0, kl;
-  T r[E];
+  T r[KH][EM];
   FL_HD void init(const Op& op, int64_t mn0, int64_t MN, bool kfast, int tid) {
-    kl = kfast ? tid % kSimtBK : tid / 32;
-    mnl0 = kfast ? tid / kSimtBK : tid % 32;
+    kl = kfast ? tid % 8 : tid / 32;
+    mnl0 = kfast ? tid / 8 : tid % 32;
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
+    for (int e = 0; e < EM; ++e) {
       const int64_t m = mn0 + mnl0 + 32 * e;
       mv[e] = m < MN;
       mi[e] = op.mn(mv[e] ? m : mn0);
     }
   }
   FL_HD void load(const Op& op, int64_t k0, int64_t kend) {
-    const int64_t k = k0 + kl;
-    if (k < kend) {
-      const typename Op::Kx kx = op.k(k);
 #pragma unroll
-      for (int e = 0; e < E; ++e) r[e] = mv[e] ? op.load(mi[e], kx) : zero_of<T>();
-    } else {
+    for (int h = 0; h < KH; ++h) {
+      const int64_t k = k0 + kl + 8 * h;
+      if (k < kend) {
+        const typename Op::Kx kx = op.k(k);
 #pragma unroll
-      for (int e = 0; e < E; ++e) r[e] = zero_of<T>();
+        for (int e = 0; e < EM; ++e) r[h][e] = mv[e] ? op.load(mi[e], kx) : zero_of<T>();
+      } else {
+#pragma unroll
+        for (int e = 0; e < EM; ++e) r[h][e] = zero_of<T>();
+      }
     }
   }
   FL_HD void store(T* s, int ld) const {
 #pragma unroll
-    for (int e = 0; e < E; ++e) s[kl * ld + mnl0 + 32 * e] = r[e];
+    for (int h = 0; h < KH; ++h)
+#pragma unroll
+      for (int e = 0; e < EM; ++e) s[(kl + 8 * h) * ld + mnl0 + 32 * e] = r[h][e];
   }
 };
+
+// Thread -> (ty, tx) of the 16 x 16 grid: a warp covers 4 x 8 of it, so its
+// shared-memory reads of A touch 4 and of B 8 distinct 16-byte vectors.
+FL_HD __forceinline__ void simt_thread(int tid, int& ty, int& tx) {
+  const int warp = tid / 32, lane = tid % 32;
+  ty = (warp / 2) * 4 + lane / 8;
+  tx = (warp % 2) * 8 + lane % 8;
+}
 
 // Four neighbouring shared-memory values (16-byte aligned for float) as Acc.
 template <typename T, typename Acc>
@@ -141,18 +155,21 @@ __device__ __forceinline__ void lds4(const T* s, Acc* out) {
 // t*4 + 64*blk + i, i < 4.
 FL_HD __forceinline__ int simt_local(int t, int idx) { return t * 4 + 64 * (idx / 4) + idx % 4; }
 
+// Two blocks per SM for 64 x 64 tiles (register cap 128); the larger ones need more registers.
 template <class P, int BM, int BN>
-__global__ void __launch_bounds__(kGemmThreads)
+__global__ void __launch_bounds__(kGemmThreads, BM * BN <= 64 * 64 ? 2 : 1)
 gemm_simt_kernel(P p, typename Num<typename P::T>::Acc* ws, int splits, int64_t kchunk) {
   using T = typename P::T;
   using Acc = typename Num<T>::Acc;
   constexpr int BK = kSimtBK, LDA = BM + kSimtPad, LDB = BN + kSimtPad;
-  constexpr int TM = BM / 16, TN = BN / 16, EA = BM / 32, EB = BN / 32;
-  static_assert(BM % 64 == 0 && BN % 64 == 0, "64-multiple tiles");
+  constexpr int TM = BM / 16, TN = BN / 16, EA = BM / 32, EB = BN / 32, KH = BK / 8;
+  static_assert(BM % 64 == 0 && BN % 64 == 0 && BK % 8 == 0, "tile shape");
   __shared__ __align__(16) T As[2][BK * LDA];
   __shared__ __align__(16) T Bs[2][BK * LDB];
 
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int tid = threadIdx.x;
+  int ty, tx;
+  simt_thread(tid, ty, tx);
   const int zg = blockIdx.z, g = zg / splits, sp = zg % splits;
   const int64_t m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * BN;
   const int64_t kbeg = int64_t(sp) * kchunk;
@@ -161,8 +178,8 @@ gemm_simt_kernel(P p, typename Num<typename P::T>::Acc* ws, int splits, int64_t 
 
   const auto aop = p.a_op(g);
   const auto bop = p.b_op(g);
-  TileLoader<std::remove_const_t<decltype(aop)>, EA> la;
-  TileLoader<std::remove_const_t<decltype(bop)>, EB> lb;
+  TileLoader<std::remove_const_t<decltype(aop)>, EA, KH> la;
+  TileLoader<std::remove_const_t<decltype(bop)>, EB, KH> lb;
   la.init(aop, m0, p.M, p.a_k_fast, tid);
   lb.init(bop, n0, p.N, p.b_k_fast, tid);
 
@@ -346,7 +363,7 @@ __global__ void gemm_splitk_reduce(P p, const typename Num<typename P::T>::Acc* 
 
 struct GemmPlan {
   int cfg = 0;            // 0: SIMT 64x64, 1: SIMT 128x128, 2: WMMA 128x128, 3: SIMT 64x128
-  int64_t BM = 64, BN = 64, BK = 8;
+  int64_t BM = 64, BN = 64, BK = kSimtBK;
   int splits = 1;
   int64_t kchunk = 0;
   int64_t ws_bytes = 0;
