@@ -216,8 +216,7 @@ struct Loader {
   int fixed[T::CHUNKS];    // K_COLS: 1 if the row is inside MN; else bytes inside MN
   int64_t step;            // pointer advance per K tile
 
-  __device__ __forceinline__ void init(const S* g, int64_t stride, int64_t mn0, int64_t MN,
-                                       int tid) {
+  FL_HD __forceinline__ void init(const S* g, int64_t stride, int64_t mn0, int64_t MN, int tid) {
     base = g;
     step = K_COLS ? int64_t(kBK) : int64_t(kBK) * stride;
 #pragma unroll
@@ -234,16 +233,23 @@ struct Loader {
       }
     }
   }
-  // Copies the next K tile (krem = K - its first k) into the stage at `dst`
-  // (shared address).
-  __device__ __forceinline__ void load(uint32_t dst, int64_t krem, int tid) {
+  // Issues the copies of the next K tile (krem = K - its first k):
+  // copy(element offset in the stage, source, bytes to read; the rest of the
+  // 16 bytes is zero-filled).
+  template <class Copy>
+  FL_HD __forceinline__ void load(int64_t krem, int tid, Copy&& copy) {
 #pragma unroll
     for (int i = 0; i < T::CHUNKS; ++i) {
       const int q = tid + i * kThreads, r = T::row(q), c = T::col(q);
       const int bytes = K_COLS ? (fixed[i] ? chunk_bytes(krem - c) : 0) : (r < krem ? fixed[i] : 0);
-      cp_async16(dst + uint32_t((r * T::LD + c) * 2), bytes ? p[i] : base, bytes);
+      copy(r * T::LD + c, bytes ? p[i] : base, bytes);
       p[i] += step;
     }
+  }
+  __device__ __forceinline__ void load(uint32_t dst, int64_t krem, int tid) {
+    load(krem, tid, [dst](int off, const S* src, int bytes) {
+      cp_async16(dst + uint32_t(off * 2), src, bytes);
+    });
   }
 };
 
