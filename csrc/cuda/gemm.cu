@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "gemm_kernels.cuh"
+#include "gemm_tc.cuh"
 
 namespace fastlayers::cuda {
 
@@ -63,12 +64,19 @@ StridedGemm<S> make_problem(const GemmDesc& d) {
 }  // namespace
 
 int64_t gemm_workspace_bytes(const GemmDesc& desc, DType dt) {
+  if ((dt == DType::F16 || dt == DType::BF16) && gemm_tc_ok(desc)) return 0;  // gemm_tc: no split-K
   const GemmDesc d = orient(desc);
   if (d.M <= 0 || d.N <= 0) return 0;
   return plan_gemm(d.M, d.N, d.K, 1, dt).ws_bytes;
 }
 
 int gemm(const GemmDesc& desc, DType dt, void* workspace, cudaStream_t stream) {
+  // float16 / bfloat16: mma.sync kernel when the layout qualifies (-1: it does not).
+  if (dt == DType::F16 || dt == DType::BF16) {
+    const int r = dt == DType::F16 ? gemm_tc<__half>(desc, stream)
+                                   : gemm_tc<__nv_bfloat16>(desc, stream);
+    if (r != -1) return r;
+  }
   const GemmDesc d = orient(desc);
   switch (dt) {
     case DType::F32: return run_gemm(make_problem<float>(d), 1, dt, workspace, stream);
