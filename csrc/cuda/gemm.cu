@@ -6,6 +6,12 @@
 #include "gemm_tc.cuh"
 
 namespace fastlayers::cuda {
+// Compiled in gemm_tc_half.cu / gemm_tc_bf16.cu.
+extern template int gemm_tc<__half>(const GemmDesc& d, cudaStream_t stream);
+extern template int gemm_tc<__nv_bfloat16>(const GemmDesc& d, cudaStream_t stream);
+}  // namespace fastlayers::cuda
+
+namespace fastlayers::cuda {
 
 const char* error_string(int code) { return cudaGetErrorString(cudaError_t(code)); }
 
