@@ -105,3 +105,84 @@ def test_max_pool2d_offsets_tensor_misaligned():
                                               else torch.channels_last),
                                     off, list(x.shape), [3, 3], [2, 2], [1, 1], [1, 1], cl)
         assert torch.equal(a, b)
+
+
+# ---- BatchNorm ---------------------------------------------------------------------
+# (32, 16, 24, 24) in tests/test_cuda.py and the shapes below reach the sm_90
+# cluster-fused training kernels (dense NCHW, >= 8 channels, S % 8 == 0); C < 8,
+# S % VEC != 0, channels_last and misaligned data take the split kernels.
+
+BN = [
+    ((8, 64, 28, 28), False),     # cluster path: 64 channels over >= 8 clusters
+    ((3, 24, 10, 12), False),     # per-channel vector count not a multiple of 8 (ranks
+                                  # with unequal or empty shares)
+    ((2, 9, 1, 8), False),        # 9 channels, 4 vectors each (fp32): most ranks empty
+    ((4, 32, 7, 7), False),       # S % VEC != 0: split kernels
+    ((4, 32, 8, 8), True),        # channels_last: split kernels
+    ((2, 4, 16, 16), False),      # C < 8: split kernels
+]
+
+
+def bn_params(C, dtype):
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = (torch.rand(C, device=DEV) + 0.5).to(pdt)
+    b = torch.randn(C, device=DEV).to(pdt)
+    rm = torch.randn(C, device=DEV).to(pdt)
+    rv = (torch.rand(C, device=DEV) + 0.5).to(pdt)
+    return w, b, rm, rv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cl", BN)
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_train_fast_paths(dtype, shape, cl, affine):
+    C = shape[1]
+    # Large mean, small spread: the statistics must not cancel catastrophically.
+    x = (make(shape, dtype, cl).float() * 0.5 + 100.0).to(dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b, rm, rv = bn_params(C, dtype)
+    if not affine:
+        w = b = None
+    rm_r, rv_r = rm.double().clone(), rv.double().clone()
+    y, mean, invstd = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
+    xd = x.double().requires_grad_(True)
+    wd = None if w is None else w.double().requires_grad_(True)
+    bd = None if b is None else b.double().requires_grad_(True)
+    ref = F.batch_norm(xd, rm_r, rv_r, wd, bd, True, 0.1, 1e-5)
+    close(y, ref, dtype, "out", tol=TOL[dtype] * 5)
+    ptol = 1e-9 if dtype == torch.float64 else 1e-5
+    close(rm, rm_r, torch.float64, "running_mean", tol=ptol)
+    close(rv, rv_r, torch.float64, "running_var", tol=max(ptol, 1e-4 if dtype != torch.float64
+                                                              else ptol))
+    dims = [0] + list(range(2, len(shape)))
+    close(mean, xd.detach().mean(dims), torch.float64, "save_mean", tol=ptol)
+    close(invstd, (xd.detach().var(dims, unbiased=False) + 1e-5).rsqrt(), torch.float64,
+          "save_invstd", tol=1e-9 if dtype == torch.float64 else 1e-4)
+    gy = make(shape, dtype, cl)
+    gx, gw, gb = ops.batch_norm_backward(gy, x, w, mean, invstd, True, [True, affine, affine])
+    grads = torch.autograd.grad(ref, [t for t in (xd, wd, bd) if t is not None], gy.double())
+    close(gx, grads[0], dtype, "grad_input", tol=TOL[dtype] * 10)
+    if affine:
+        close(gw, grads[1], dtype, "grad_weight", tol=TOL[dtype] * 10)
+        close(gb, grads[2], dtype, "grad_bias", tol=TOL[dtype] * 10)
+    # Bitwise reproducible, and grad_input alone equals grad_input with all grads.
+    y2, mean2, invstd2 = ops.batch_norm_train(x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)
+    assert torch.equal(y, y2) and torch.equal(mean, mean2) and torch.equal(invstd, invstd2)
+    gx2, _, _ = ops.batch_norm_backward(gy, x, w, mean, invstd, True, [True, False, False])
+    assert torch.equal(gx, gx2)
+
+
+def test_batch_norm_cluster_vs_split_kernels(monkeypatch):
+    # The fused path and the split kernels agree (to rounding); env switch read per call.
+    x = make((8, 64, 28, 28), torch.float32) * 2 + 3
+    gy = make((8, 64, 28, 28), torch.float32)
+    w, b, rm, rv = bn_params(64, torch.float32)
+    outs = []
+    for off in ("0", "1"):
+        monkeypatch.setenv("FASTLAYERS_BN_NO_CLUSTER", off)
+        y, m, s = ops.batch_norm_train(x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)
+        outs.append((y, m, s) + tuple(ops.batch_norm_backward(gy, x, w, m, s, True,
+                                                              [True, True, True])))
+    for a, c in zip(*outs):
+        close(a, c, torch.float32, "cluster vs split", tol=1e-5)
