@@ -80,28 +80,47 @@ FL_HD __forceinline__ int64_t bn_plane_vec_offset(const BNPlanes& pl, int64_t c,
   return int64_t(n) * pl.sN + c * pl.sC + int64_t(s) * bn_vec<S>();
 }
 
-// One thread's Welford state over its vectors v = v0, v0 + step, ... < v1: each
-// vector's (VEC, mean, M2) merged in.
+// One thread's Welford state over its vectors v = v0, v0 + step, ... < v1, in
+// rounds of up to 4 vectors (all 4 loads issued first): the round's (count,
+// mean, M2) by two passes over the registers, merged in once.
 template <typename S>
 FL_HD __forceinline__ void bn_stats_thread(const BNPlanes& pl, const S* __restrict__ x,
                                            int64_t c, uint32_t v0, uint32_t v1, uint32_t step,
                                            typename Num<S>::Acc& n, typename Num<S>::Acc& mean,
                                            typename Num<S>::Acc& m2) {
   using Acc = typename Num<S>::Acc;
-  constexpr int V = bn_vec<S>();
-  for (uint32_t v = v0; v < v1; v += step) {
-    const BNVec<S> pk = *reinterpret_cast<const BNVec<S>*>(x + bn_plane_vec_offset<S>(pl, c, v));
-    Acc a[V], sum = Acc(0);
+  constexpr int V = bn_vec<S>(), U = 4;
+  for (uint32_t v = v0; v < v1; v += U * step) {
+    BNVec<S> pk[U];
+    int nb = 0;
 FL_UNROLL
-    for (int i = 0; i < V; ++i) { a[i] = Num<S>::to_acc(pk.v[i]); sum += a[i]; }
-    const Acc mb = sum * Acc(1.0 / V);
+    for (int u = 0; u < U; ++u)
+      if (v + u * step < v1) {
+        pk[u] = *reinterpret_cast<const BNVec<S>*>(x + bn_plane_vec_offset<S>(pl, c, v + u * step));
+        nb = u + 1;
+      }
+    Acc sum = Acc(0);
+FL_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (u < nb)
+FL_UNROLL
+        for (int i = 0; i < V; ++i) sum += Num<S>::to_acc(pk[u].v[i]);
+    const Acc cnt = Acc(nb * V), mb = sum / cnt;
     Acc m2b = Acc(0);
 FL_UNROLL
-    for (int i = 0; i < V; ++i) { const Acc e = a[i] - mb; m2b += e * e; }
-    welford_merge(n, mean, m2, Acc(V), mb, m2b);
+    for (int u = 0; u < U; ++u)
+      if (u < nb)
+FL_UNROLL
+        for (int i = 0; i < V; ++i) {
+          const Acc e = Num<S>::to_acc(pk[u].v[i]) - mb;
+          m2b += e * e;
+        }
+    welford_merge(n, mean, m2, cnt, mb, m2b);
   }
 }
 
+// Sums of dy and dy * (x - mu) over the same vectors, two vectors of each tensor
+// per round (four loads in flight).
 template <typename S>
 FL_HD __forceinline__ void bn_bwd_sums_thread(const BNPlanes& pl, const S* __restrict__ gy,
                                               const S* __restrict__ x, int64_t c,
@@ -109,17 +128,25 @@ FL_HD __forceinline__ void bn_bwd_sums_thread(const BNPlanes& pl, const S* __res
                                               uint32_t step, typename Num<S>::Acc& sdy,
                                               typename Num<S>::Acc& sdyx) {
   using Acc = typename Num<S>::Acc;
-  constexpr int V = bn_vec<S>();
-  for (uint32_t v = v0; v < v1; v += step) {
-    const int64_t o = bn_plane_vec_offset<S>(pl, c, v);
-    const BNVec<S> g = *reinterpret_cast<const BNVec<S>*>(gy + o);
-    const BNVec<S> xv = *reinterpret_cast<const BNVec<S>*>(x + o);
+  constexpr int V = bn_vec<S>(), U = 2;
+  for (uint32_t v = v0; v < v1; v += U * step) {
+    BNVec<S> g[U], xv[U];
 FL_UNROLL
-    for (int i = 0; i < V; ++i) {
-      const Acc gi = Num<S>::to_acc(g.v[i]);
-      sdy += gi;
-      sdyx += gi * (Num<S>::to_acc(xv.v[i]) - mu);
-    }
+    for (int u = 0; u < U; ++u)
+      if (v + u * step < v1) {
+        const int64_t o = bn_plane_vec_offset<S>(pl, c, v + u * step);
+        g[u] = *reinterpret_cast<const BNVec<S>*>(gy + o);
+        xv[u] = *reinterpret_cast<const BNVec<S>*>(x + o);
+      }
+FL_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (v + u * step < v1)
+FL_UNROLL
+        for (int i = 0; i < V; ++i) {
+          const Acc gi = Num<S>::to_acc(g[u].v[i]);
+          sdy += gi;
+          sdyx += gi * (Num<S>::to_acc(xv[u].v[i]) - mu);
+        }
   }
 }
 
