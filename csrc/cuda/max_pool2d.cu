@@ -151,7 +151,9 @@ __global__ void max_pool_bwd_fast(PoolFast f, int64_t total, const S* __restrict
 // per-element kernels above: bitwise the same results.
 constexpr int kTileThreads = 256;
 constexpr int kTileSmemBytes = 40 * 1024;  // staged bytes per block at most (< 48 KiB)
-constexpr int kTileTarget = 1024;          // elements computed per block, about
+constexpr int kTileTarget = 1024;          // outputs per forward block, about
+constexpr int kTileTargetBwd = 2048;       // grad_input elements per backward block, about
+                                           // (its staged rows are 4x smaller: more in flight)
 
 // Copies g[0, n) to sm[a, a + n), a = (address of g / sizeof(E)) % VEC with
 // VEC = 16 / sizeof(E), so 16-byte aligned global vectors land on 16-byte aligned
@@ -398,7 +400,7 @@ PoolTilePlan plan_fwd_tiled(const PoolDesc& d, size_t elem) {
 
 PoolTilePlan plan_bwd_tiled(const PoolDesc& d, size_t elem) {
   PoolTilePlan t;
-  int64_t th = ceil_div(kTileTarget, d.W);
+  int64_t th = ceil_div(kTileTargetBwd, d.W);
   if (th > d.H) th = d.H;
   for (; th >= 1; th = th > 1 ? th / 2 : 0) {
     // pend(h_b - 1) - pstart(h_a) <= (th - 1 + kh) / sh + 1 output rows.
