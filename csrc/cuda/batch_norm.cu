@@ -14,7 +14,17 @@
 //            (training) or dx = w*invstd * dy (eval).
 // fp16/bf16 data use fp32 statistics; float64 data use float64. No atomics:
 // results are bitwise reproducible.
+// sm_90 training fast path (bn_train_fwd_cluster / bn_train_bwd_cluster): one
+// thread-block cluster per channel at a time, reduce + apply in one kernel with
+// the re-read served from L2; used for dense NC* data when enough channels fit in
+// L2 at once (bn_cluster_grid), else the kernels above. FASTLAYERS_BN_NO_CLUSTER=1
+// turns it off (A/B checks).
+#include <cooperative_groups.h>
+
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -70,28 +80,47 @@ FL_HD __forceinline__ int64_t bn_plane_vec_offset(const BNPlanes& pl, int64_t c,
   return int64_t(n) * pl.sN + c * pl.sC + int64_t(s) * bn_vec<S>();
 }
 
-// One thread's Welford state over its vectors v = v0, v0 + step, ... < v1: each
-// vector's (VEC, mean, M2) merged in.
+// One thread's Welford state over its vectors v = v0, v0 + step, ... < v1, in
+// rounds of up to 4 vectors (all 4 loads issued first): the round's (count,
+// mean, M2) by two passes over the registers, merged in once.
 template <typename S>
 FL_HD __forceinline__ void bn_stats_thread(const BNPlanes& pl, const S* __restrict__ x,
                                            int64_t c, uint32_t v0, uint32_t v1, uint32_t step,
                                            typename Num<S>::Acc& n, typename Num<S>::Acc& mean,
                                            typename Num<S>::Acc& m2) {
   using Acc = typename Num<S>::Acc;
-  constexpr int V = bn_vec<S>();
-  for (uint32_t v = v0; v < v1; v += step) {
-    const BNVec<S> pk = *reinterpret_cast<const BNVec<S>*>(x + bn_plane_vec_offset<S>(pl, c, v));
-    Acc a[V], sum = Acc(0);
+  constexpr int V = bn_vec<S>(), U = 4;
+  for (uint32_t v = v0; v < v1; v += U * step) {
+    BNVec<S> pk[U];
+    int nb = 0;
 FL_UNROLL
-    for (int i = 0; i < V; ++i) { a[i] = Num<S>::to_acc(pk.v[i]); sum += a[i]; }
-    const Acc mb = sum * Acc(1.0 / V);
+    for (int u = 0; u < U; ++u)
+      if (v + u * step < v1) {
+        pk[u] = *reinterpret_cast<const BNVec<S>*>(x + bn_plane_vec_offset<S>(pl, c, v + u * step));
+        nb = u + 1;
+      }
+    Acc sum = Acc(0);
+FL_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (u < nb)
+FL_UNROLL
+        for (int i = 0; i < V; ++i) sum += Num<S>::to_acc(pk[u].v[i]);
+    const Acc cnt = Acc(nb * V), mb = sum / cnt;
     Acc m2b = Acc(0);
 FL_UNROLL
-    for (int i = 0; i < V; ++i) { const Acc e = a[i] - mb; m2b += e * e; }
-    welford_merge(n, mean, m2, Acc(V), mb, m2b);
+    for (int u = 0; u < U; ++u)
+      if (u < nb)
+FL_UNROLL
+        for (int i = 0; i < V; ++i) {
+          const Acc e = Num<S>::to_acc(pk[u].v[i]) - mb;
+          m2b += e * e;
+        }
+    welford_merge(n, mean, m2, cnt, mb, m2b);
   }
 }
 
+// Sums of dy and dy * (x - mu) over the same vectors, two vectors of each tensor
+// per round (four loads in flight).
 template <typename S>
 FL_HD __forceinline__ void bn_bwd_sums_thread(const BNPlanes& pl, const S* __restrict__ gy,
                                               const S* __restrict__ x, int64_t c,
@@ -99,17 +128,25 @@ FL_HD __forceinline__ void bn_bwd_sums_thread(const BNPlanes& pl, const S* __res
                                               uint32_t step, typename Num<S>::Acc& sdy,
                                               typename Num<S>::Acc& sdyx) {
   using Acc = typename Num<S>::Acc;
-  constexpr int V = bn_vec<S>();
-  for (uint32_t v = v0; v < v1; v += step) {
-    const int64_t o = bn_plane_vec_offset<S>(pl, c, v);
-    const BNVec<S> g = *reinterpret_cast<const BNVec<S>*>(gy + o);
-    const BNVec<S> xv = *reinterpret_cast<const BNVec<S>*>(x + o);
+  constexpr int V = bn_vec<S>(), U = 2;
+  for (uint32_t v = v0; v < v1; v += U * step) {
+    BNVec<S> g[U], xv[U];
 FL_UNROLL
-    for (int i = 0; i < V; ++i) {
-      const Acc gi = Num<S>::to_acc(g.v[i]);
-      sdy += gi;
-      sdyx += gi * (Num<S>::to_acc(xv.v[i]) - mu);
-    }
+    for (int u = 0; u < U; ++u)
+      if (v + u * step < v1) {
+        const int64_t o = bn_plane_vec_offset<S>(pl, c, v + u * step);
+        g[u] = *reinterpret_cast<const BNVec<S>*>(gy + o);
+        xv[u] = *reinterpret_cast<const BNVec<S>*>(x + o);
+      }
+FL_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (v + u * step < v1)
+FL_UNROLL
+        for (int i = 0; i < V; ++i) {
+          const Acc gi = Num<S>::to_acc(g[u].v[i]);
+          sdy += gi;
+          sdyx += gi * (Num<S>::to_acc(xv[u].v[i]) - mu);
+        }
   }
 }
 
@@ -386,6 +423,330 @@ __global__ void bn_bwd_apply_vec(BNElems e, uint32_t vecs, const S* __restrict__
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// ---- Cluster-fused training paths (sm_90; dense NC*, see bn_cluster_grid) --------
+// One thread-block cluster of kCl blocks owns one channel at a time (channels
+// c = cluster, cluster + G, ...): each block reduces its 1/kCl share of the
+// channel (16-byte loads, 4 in flight per thread), the kCl block partials are
+// merged in rank order through distributed shared memory (every block merges the
+// same values in the same order: identical, deterministic coefficients), then
+// each block re-reads ITS share -- read moments ago, so served from L2 because
+// G is chosen so that G channels fit in half of L2 -- and writes the output.
+// DRAM traffic: forward x + y (2 passes instead of 3), backward x + gy + gx
+// (3 instead of 5). Shared partials are double-buffered by channel parity, so
+// one cluster barrier per channel suffices.
+constexpr int kCl = 8, kClThreads = 1024;
+// forward: vectors per thread per round (4 for 4-byte types; 2 keeps 2/8-byte ones
+// within the 64 registers of a 1024-thread block)
+template <typename S> __host__ __device__ constexpr int kFU() { return sizeof(S) == 4 ? 4 : 2; }
+// backward: vectors per tensor per round (x and gy: 4 loads in flight; bf16: 2, its
+// float -> bf16 rounding code otherwise spills)
+template <typename S> __host__ __device__ constexpr int kBUof() { return std::is_same<S, __nv_bfloat16>::value ? 1 : 2;
+}
+
+template <typename S>
+__device__ __forceinline__ BNVec<S> bn_ldv(const S* p, uint32_t o) {
+  return *reinterpret_cast<const BNVec<S>*>(p + o);
+}
+// Element offset of vector v of channel c (the whole tensor has < 2^31 elements).
+template <typename S>
+__device__ __forceinline__ uint32_t bn_cl_off(const BNPlanes& pl, uint32_t c, uint32_t v) {
+  const uint32_t n = pl.dSV.div(v), s = v - n * pl.SV;
+  return n * uint32_t(pl.sN) + c * uint32_t(pl.sC) + s * uint32_t(bn_vec<S>());
+}
+
+// Thread 0 of each block after the cluster barrier: merges the kCl partials in
+// rank order (double), rank 0 stores the saved/running statistics; writes
+// coef = (mean, w * invstd, b). Out of line: keeps the streaming loops' registers.
+template <typename Acc>
+__device__ __noinline__ void bn_cl_fwd_finalize(const Acc* const* parts, bool store, int64_t c,
+                                                DType pdt, const void* weight, const void* bias,
+                                                void* running_mean, void* running_var,
+                                                double momentum, double eps, Acc* save_mean,
+                                                Acc* save_invstd, Acc* coef) {
+  double cn = 0, cm = 0, cm2 = 0;
+  for (int r = 0; r < kCl; ++r)
+    welford_merge<double>(cn, cm, cm2, double(parts[r][0]), double(parts[r][1]),
+                          double(parts[r][2]));
+  const double var = cn > 0 ? cm2 / cn : NAN;
+  const double invstd = 1.0 / sqrt(var + eps);
+  if (store) {
+    save_mean[c] = Acc(cm);
+    save_invstd[c] = Acc(invstd);
+    if (running_mean) {
+      const double rm = load_any<double>(running_mean, pdt, c);
+      store_any<double>(running_mean, pdt, c, (1.0 - momentum) * rm + momentum * cm);
+    }
+    if (running_var) {
+      const double rv = load_any<double>(running_var, pdt, c);
+      store_any<double>(running_var, pdt, c, (1.0 - momentum) * rv + momentum * (cm2 / (cn - 1.0)));
+    }
+  }
+  coef[0] = Acc(cm);
+  coef[1] = (weight ? load_any<Acc>(weight, pdt, c) : Acc(1)) * Acc(invstd);
+  coef[2] = bias ? load_any<Acc>(bias, pdt, c) : Acc(0);
+}
+
+// Backward counterpart: sums in rank order; coef = (mean, w * invstd, k1, k2).
+template <typename Acc>
+__device__ __noinline__ void bn_cl_bwd_finalize(const Acc* const* parts, bool store, int64_t c,
+                                                DType pdt, DType mdt, const void* weight,
+                                                const void* mean, const void* invstd, double M,
+                                                void* gw, void* gb, Acc* coef) {
+  double s1 = 0, s2 = 0;
+  for (int r = 0; r < kCl; ++r) { s1 += double(parts[r][0]); s2 += double(parts[r][1]); }
+  const double is = load_any<double>(invstd, mdt, c);
+  if (store) {
+    if (gw) store_any<double>(gw, pdt, c, s2 * is);
+    if (gb) store_any<double>(gb, pdt, c, s1);
+  }
+  const double w = weight ? load_any<double>(weight, pdt, c) : 1.0;
+  coef[0] = load_any<Acc>(mean, mdt, c);
+  coef[1] = Acc(w * is);
+  coef[2] = Acc(s1 / M);
+  coef[3] = Acc(is * is * s2 / M);
+}
+
+// Welford state over this thread's vectors of channel c in [v0, v1) (stride
+// blockDim.x), four vectors per round: their (count, mean, M2) by two passes
+// over the registers, merged once.
+template <typename S>
+__device__ __forceinline__ void bn_cl_stats(const BNPlanes& pl, const S* __restrict__ x,
+                                            int64_t c, uint32_t v0, uint32_t v1,
+                                            typename Num<S>::Acc& n, typename Num<S>::Acc& mean,
+                                            typename Num<S>::Acc& m2) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int V = bn_vec<S>(), U = kFU<S>();
+  const uint32_t T = blockDim.x;
+  for (uint32_t v = v0 + threadIdx.x; v < v1; v += U * T) {
+    BNVec<S> pk[U];
+    int nb = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (v + u * T < v1) { pk[u] = bn_ldv(x, bn_cl_off<S>(pl, uint32_t(c), v + u * T)); nb = u + 1; }
+    Acc sum = Acc(0);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < nb)
+#pragma unroll
+        for (int i = 0; i < V; ++i) sum += Num<S>::to_acc(pk[u].v[i]);
+    const Acc cnt = Acc(nb * V), mb = sum / cnt;
+    Acc m2b = Acc(0);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < nb)
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const Acc e = Num<S>::to_acc(pk[u].v[i]) - mb;
+          m2b += e * e;
+        }
+    welford_merge(n, mean, m2, cnt, mb, m2b);
+  }
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kClThreads, 1)
+    bn_train_fwd_cluster(BNPlanes pl, int64_t C, uint32_t vecs, DType pdt,
+                         const S* __restrict__ x, const void* weight, const void* bias,
+                         void* running_mean, void* running_var, double momentum, double eps,
+                         typename Num<S>::Acc* save_mean, typename Num<S>::Acc* save_invstd,
+                         S* __restrict__ y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Acc = typename Num<S>::Acc;
+  constexpr int V = bn_vec<S>(), U = kFU<S>();
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ Acc part[2][3];  // this block's (n, mean, M2), by channel parity
+  __shared__ Acc coef[3];     // mean, w * invstd, b
+  const uint32_t rank = cluster.block_rank();
+  const int64_t G = gridDim.x / kCl, cid = blockIdx.x / kCl;
+  const uint32_t chunk = (vecs + kCl - 1) / kCl;
+  const uint32_t v0 = min(rank * chunk, vecs), v1 = min(v0 + chunk, vecs);
+  int it = 0;
+  for (int64_t c = cid; c < C; c += G, it ^= 1) {
+    Acc n = 0, mean = 0, m2 = 0;
+    bn_cl_stats<S>(pl, x, c, v0, v1, n, mean, m2);
+    welford_block_store(n, mean, m2, part[it]);
+    cluster.sync();
+    if (threadIdx.x == 0) {
+      const Acc* parts[kCl];
+      for (int r = 0; r < kCl; ++r) parts[r] = cluster.map_shared_rank(part[it], r);
+      bn_cl_fwd_finalize<Acc>(parts, rank == 0, c, pdt, weight, bias, running_mean, running_var,
+                              momentum, eps, save_mean, save_invstd, coef);
+    }
+    __syncthreads();
+    const Acc mu = coef[0], sc = coef[1], be = coef[2];
+    const uint32_t T = blockDim.x;
+    for (uint32_t v = v0 + threadIdx.x; v < v1; v += U * T) {
+      BNVec<S> pk[U];
+      uint32_t o[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (v + u * T < v1) { o[u] = bn_cl_off<S>(pl, uint32_t(c), v + u * T); pk[u] = bn_ldv(x, o[u]); }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (v + u * T < v1) {
+          BNVec<S> out;
+#pragma unroll
+          for (int i = 0; i < V; ++i)
+            out.v[i] = Num<S>::from_acc((Num<S>::to_acc(pk[u].v[i]) - mu) * sc + be);
+          *reinterpret_cast<BNVec<S>*>(y + o[u]) = out;
+        }
+    }
+    // coef / part[it] are rewritten only after the next cluster.sync(), which every
+    // thread of the cluster reaches after its reads of them.
+  }
+  cluster.sync();  // no block may exit while another can still read its shared memory
+#endif
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kClThreads, 1)
+    bn_train_bwd_cluster(BNPlanes pl, int64_t C, uint32_t vecs, DType pdt, DType mdt,
+                         const S* __restrict__ gy, const S* __restrict__ x, const void* weight,
+                         const void* mean, const void* invstd, double M, void* gw, void* gb,
+                         S* __restrict__ gx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Acc = typename Num<S>::Acc;
+  constexpr int V = bn_vec<S>(), kBU = kBUof<S>();
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ Acc part[2][2];  // this block's (sum dy, sum dy * (x - mean)), by parity
+  __shared__ Acc coef[4];     // mean, w * invstd, k1, k2
+  __shared__ Acc red[32];
+  const uint32_t rank = cluster.block_rank();
+  const int64_t G = gridDim.x / kCl, cid = blockIdx.x / kCl;
+  const uint32_t chunk = (vecs + kCl - 1) / kCl;
+  const uint32_t v0 = min(rank * chunk, vecs), v1 = min(v0 + chunk, vecs);
+  const uint32_t T = blockDim.x;
+  int it = 0;
+  for (int64_t c = cid; c < C; c += G, it ^= 1) {
+    const Acc mu = load_any<Acc>(mean, mdt, c);
+    Acc sdy = 0, sdyx = 0;
+    for (uint32_t v = v0 + threadIdx.x; v < v1; v += kBU * T) {
+      BNVec<S> g[kBU], xv[kBU];
+#pragma unroll
+      for (int u = 0; u < kBU; ++u)
+        if (v + u * T < v1) {
+          const uint32_t o = bn_cl_off<S>(pl, uint32_t(c), v + u * T);
+          g[u] = bn_ldv(gy, o);
+          xv[u] = bn_ldv(x, o);
+        }
+#pragma unroll
+      for (int u = 0; u < kBU; ++u)
+        if (v + u * T < v1)
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const Acc gi = Num<S>::to_acc(g[u].v[i]);
+            sdy += gi;
+            sdyx += gi * (Num<S>::to_acc(xv[u].v[i]) - mu);
+          }
+    }
+    sdy = block_sum(sdy, red);
+    sdyx = block_sum(sdyx, red);
+    if (threadIdx.x == 0) { part[it][0] = sdy; part[it][1] = sdyx; }
+    cluster.sync();
+    if (threadIdx.x == 0) {
+      const Acc* parts[kCl];
+      for (int r = 0; r < kCl; ++r) parts[r] = cluster.map_shared_rank(part[it], r);
+      bn_cl_bwd_finalize<Acc>(parts, rank == 0, c, pdt, mdt, weight, mean, invstd, M, gw, gb,
+                              coef);
+    }
+    __syncthreads();
+    const Acc a = coef[1], k1 = coef[2], k2 = coef[3];
+    for (uint32_t v = v0 + threadIdx.x; v < v1; v += kBU * T) {
+      BNVec<S> g[kBU], xv[kBU];
+      uint32_t o[kBU];
+#pragma unroll
+      for (int u = 0; u < kBU; ++u)
+        if (v + u * T < v1) {
+          o[u] = bn_cl_off<S>(pl, uint32_t(c), v + u * T);
+          g[u] = bn_ldv(gy, o[u]);
+          xv[u] = bn_ldv(x, o[u]);
+        }
+#pragma unroll
+      for (int u = 0; u < kBU; ++u)
+        if (v + u * T < v1) {
+          BNVec<S> out;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const Acc xm = Num<S>::to_acc(xv[u].v[i]) - mu;
+            out.v[i] = Num<S>::from_acc(a * (Num<S>::to_acc(g[u].v[i]) - k1 - xm * k2));
+          }
+          *reinterpret_cast<BNVec<S>*>(gx + o[u]) = out;
+        }
+    }
+  }
+  cluster.sync();
+#endif
+}
+
+// Number of clusters G for the fused kernel `kern` touching `bytes_per_channel`
+// (all tensors read twice) per channel, or 0 when the fused path is not used:
+// device below sm_90 or kernel not compiled for it, G channels would not fit in
+// half of L2, fewer than 8 clusters (too few SMs busy) or no cluster fits.
+struct BNClusterInfo {
+  std::atomic<int> state{-1};  // -1 unknown, 0 no, else max active clusters
+  std::atomic<int> l2{0};
+};
+template <typename K>
+int64_t bn_cluster_grid(K kern, BNClusterInfo (&cache)[64], int64_t C,
+                        int64_t bytes_per_channel) {
+  if (const char* e = getenv("FASTLAYERS_BN_NO_CLUSTER"); e && e[0] == '1') return 0;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) { cudaGetLastError(); return 0; }
+  BNClusterInfo& ci = cache[dev];
+  int st = ci.state.load();
+  if (st < 0) {
+    st = 0;
+    int major = 0, l2 = 0;
+    cudaFuncAttributes fa{};
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        major >= 9 && cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) == cudaSuccess &&
+        cudaFuncGetAttributes(&fa, kern) == cudaSuccess && fa.ptxVersion >= 90) {
+      cudaLaunchConfig_t cfg{};
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = kCl; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
+      cfg.gridDim = dim3(kCl * 16);
+      cfg.blockDim = dim3(kClThreads);
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      int ncl = 0;
+      if (cudaOccupancyMaxActiveClusters(&ncl, kern, &cfg) == cudaSuccess && ncl > 0) st = ncl;
+    }
+    cudaGetLastError();  // clear any error of the queries
+    ci.l2.store(l2);
+    ci.state.store(st);
+  }
+  if (st <= 0 || bytes_per_channel <= 0) return 0;
+  // Share of L2 the G channels in flight may take: 1 / FASTLAYERS_BN_L2_DIV (default 2).
+  int64_t div = 2;
+  if (const char* e = getenv("FASTLAYERS_BN_L2_DIV"); e && atoi(e) > 0) div = atoi(e);
+  int64_t g = int64_t(ci.l2.load()) / div / bytes_per_channel;
+  if (g > st) g = st;
+  if (g > C) g = C;
+  return g >= 8 ? g : 0;
+}
+
+template <typename K, typename... Args>
+int bn_launch_cluster(K kern, int64_t G, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kCl; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(unsigned(G * kCl));
+  cfg.blockDim = dim3(kClThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kern, args...);
+  if (e != cudaSuccess) cudaGetLastError();  // the caller falls back to the split kernels
+  return int(e);
+}
+
+
+
 // Vectorised reductions: dense NC* (plane-contiguous), S % VEC == 0, N*S < 2^31.
 template <typename S>
 bool bn_planes_ok(const BNDesc& d) {
@@ -438,6 +799,21 @@ int batch_norm_train(const BNDesc& d, DType dt, DType pdt, const void* x, const 
     const int64_t splits = bn_splits(d), chunk = ceil_div(d.N * d.S, splits);
     Acc* part = static_cast<Acc*>(workspace);
     Acc* coef = part + d.C * splits * 3;
+    if (bn_planes_ok<S>(d) && d.N * d.C * d.S < (int64_t(1) << 31) && aligned16(x) &&
+        aligned16(y)) {
+      static BNClusterInfo cache[64];
+      const int64_t G = bn_cluster_grid(bn_train_fwd_cluster<S>, cache, d.C,
+                                        d.N * d.S * int64_t(sizeof(S)));
+      if (G > 0) {
+        const BNPlanes pl = bn_planes<S>(d);
+        if (bn_launch_cluster(bn_train_fwd_cluster<S>, G, stream, pl, d.C,
+                              uint32_t(d.N) * pl.SV, pdt, static_cast<const S*>(x), weight, bias,
+                              running_mean, running_var, momentum, eps,
+                              static_cast<Acc*>(save_mean), static_cast<Acc*>(save_invstd),
+                              static_cast<S*>(y)) == 0)
+          return 0;
+      }
+    }
     if (bn_planes_ok<S>(d) && aligned16(x)) {
       const BNPlanes pl = bn_planes<S>(d);
       const uint32_t vecs = uint32_t(d.N) * pl.SV, vchunk = uint32_t(ceil_div(vecs, splits));
@@ -503,6 +879,20 @@ int batch_norm_backward(const BNDesc& d, DType dt, DType pdt, DType mdt, const v
     Acc* coef = part + d.C * splits * 3;
     const bool need_sums = gw != nullptr || gb != nullptr || (gx != nullptr && training);
     int err = 0;
+    if (training && gx != nullptr && bn_planes_ok<S>(d) && d.N * d.C * d.S < (int64_t(1) << 31) &&
+        aligned16(gy) && aligned16(x) && aligned16(gx)) {
+      static BNClusterInfo cache[64];
+      const int64_t G = bn_cluster_grid(bn_train_bwd_cluster<S>, cache, d.C,
+                                        2 * d.N * d.S * int64_t(sizeof(S)));
+      if (G > 0) {
+        const BNPlanes pl = bn_planes<S>(d);
+        if (bn_launch_cluster(bn_train_bwd_cluster<S>, G, stream, pl, d.C,
+                              uint32_t(d.N) * pl.SV, pdt, mdt, static_cast<const S*>(gy),
+                              static_cast<const S*>(x), weight, mean, invstd,
+                              double(d.N * d.S), gw, gb, static_cast<S*>(gx)) == 0)
+          return 0;
+      }
+    }
     if (need_sums && bn_planes_ok<S>(d) && aligned16(gy) && aligned16(x)) {
       const BNPlanes pl = bn_planes<S>(d);
       const uint32_t vecs = uint32_t(d.N) * pl.SV, vchunk = uint32_t(ceil_div(vecs, splits));

@@ -142,6 +142,282 @@ __global__ void max_pool_bwd_fast(PoolFast f, int64_t total, const S* __restrict
     pool_bwd_fast_elem<S, CL>(f, uint32_t(t), gy, off, gx);
 }
 
+// ---- Tiled NCHW kernels (fast layout 1). A block owns a band of rows of one
+// (n, c) plane. The rows of the other side that the band needs are ONE contiguous
+// range of the plane; the block copies it to shared memory with coalesced 16-byte
+// loads (several in flight per thread), then every thread computes outputs of
+// the band from shared memory and writes them with coalesced stores (thread i
+// takes band elements i, i + blockDim, ...). Same scan/summation order as the
+// per-element kernels above: bitwise the same results.
+constexpr int kTileThreads = 256;
+constexpr int kTileSmemBytes = 40 * 1024;  // staged bytes per block at most (< 48 KiB)
+constexpr int kTileTarget = 1024;          // outputs per forward block, about
+constexpr int kTileTargetBwd = 2048;       // grad_input elements per backward block, about
+                                           // (its staged rows are 4x smaller: more in flight)
+
+// Copies g[0, n) to sm[a, a + n), a = (address of g / sizeof(E)) % VEC with
+// VEC = 16 / sizeof(E), so 16-byte aligned global vectors land on 16-byte aligned
+// shared vectors; returns a. sm: 16-byte aligned, room for n + VEC elements; g:
+// aligned to sizeof(E). Whole vectors inside [g, g + n) are copied as uint4,
+// four per thread per round (independent loads in flight), the ragged ends
+// element by element.
+template <typename E>
+__device__ __forceinline__ uint32_t stage_range(E* sm, const E* __restrict__ g, uint32_t n) {
+  constexpr uint32_t V = 16 / sizeof(E);
+  const uint32_t a = uint32_t(reinterpret_cast<uintptr_t>(g) / sizeof(E)) % V;
+  // Slot j of sm covers sm[jV, jV + V) = g[jV - a, jV - a + V): whole for j in [jlo, jhi).
+  const uint32_t jlo = a > 0 ? 1u : 0u, jhi = (n + a) / V;
+  const uint4* gv = reinterpret_cast<const uint4*>(g - a);
+  uint4* sv = reinterpret_cast<uint4*>(sm);
+  const uint32_t nt = blockDim.x;
+  for (uint32_t j = jlo + threadIdx.x; j < jhi; j += 4 * nt) {
+    uint4 r[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (j + u * nt < jhi) r[u] = __ldg(gv + j + u * nt);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (j + u * nt < jhi) sv[j + u * nt] = r[u];
+  }
+  // Ragged ends: g[0, head) and g[tail, n).
+  const uint32_t head = min(n, jlo * V - a);
+  const uint32_t tail = jhi > jlo ? max(head, jhi * V - a) : head;
+  for (uint32_t i = threadIdx.x; i < head; i += nt) sm[a + i] = g[i];
+  for (uint32_t i = tail + threadIdx.x; i < n; i += nt) sm[a + i] = g[i];
+  return a;
+}
+
+// Forward: block = (plane, band of tp output rows). KH/KW > 0: the window size
+// fixed at compile time (the loops unroll); 0: f.kh / f.kw.
+template <typename S, int KH_, int KW_>
+__global__ void __launch_bounds__(kTileThreads)
+    max_pool_fwd_tiled(PoolFast f, uint32_t tiles, int tp, const S* __restrict__ x,
+                       S* __restrict__ y, uint8_t* __restrict__ off) {
+  using Acc = typename Num<S>::Acc;
+  extern __shared__ __align__(16) unsigned char pool_smem[];
+  S* sm = reinterpret_cast<S*>(pool_smem);
+  const int KH = KH_ > 0 ? KH_ : f.kh, KW = KW_ > 0 ? KW_ : f.kw;
+  const uint32_t plane = blockIdx.x / tiles, tile = blockIdx.x - plane * tiles;
+  const int p0 = int(tile) * tp, p1 = min(p0 + tp, f.P);
+  const int h_lo = max(p0 * f.sh - f.ph, 0), h_hi = min((p1 - 1) * f.sh - f.ph + KH, f.H);
+  const uint32_t n = h_hi > h_lo ? uint32_t(h_hi - h_lo) * uint32_t(f.W) : 0u;
+  const uint32_t a = stage_range<S>(
+      sm, x + plane * uint32_t(f.H) * uint32_t(f.W) + uint32_t(max(h_lo, 0)) * uint32_t(f.W), n);
+  __syncthreads();
+  const uint32_t ob = plane * uint32_t(f.P) * uint32_t(f.Q) + uint32_t(p0) * uint32_t(f.Q);
+  const uint32_t nout = uint32_t(p1 - p0) * uint32_t(f.Q);
+  for (uint32_t i = threadIdx.x; i < nout; i += blockDim.x) {
+    const uint32_t pr = f.dQ.div(i);
+    const int q = int(i - pr * uint32_t(f.Q)), p = p0 + int(pr);
+    const int h0 = p * f.sh - f.ph, w0 = q * f.sw - f.pw;
+    Acc best = Acc(-INFINITY);
+    S best_s = Num<S>::from_acc(best);
+    int best_k = -1;
+#pragma unroll
+    for (int r = 0; r < KH; ++r) {
+      const int h = h0 + r;
+      if (h < 0 || h >= f.H) continue;
+      const S* row = sm + a + uint32_t(h - h_lo) * uint32_t(f.W);
+#pragma unroll
+      for (int s = 0; s < KW; ++s) {
+        const int w = w0 + s;
+        if (w < 0 || w >= f.W) continue;
+        const S vs = row[w];
+        const Acc v = Num<S>::to_acc(vs);
+        if (best_k < 0 || v > best || isnan(v)) { best = v; best_s = vs; best_k = r * KW + s; }
+      }
+    }
+    y[ob + i] = best_s;
+    off[ob + i] = uint8_t(best_k < 0 ? 0 : best_k);
+  }
+}
+
+// Backward: block = (plane, band of th input rows); stages the grad_output and
+// offset rows [pa, pb) that cover the band, then gathers as pool_bwd_fast_elem.
+template <typename S>
+__global__ void __launch_bounds__(kTileThreads)
+    max_pool_bwd_tiled(PoolFast f, uint32_t tiles, int th, uint32_t off_smem_bytes,
+                       const S* __restrict__ gy, const uint8_t* __restrict__ off,
+                       S* __restrict__ gx) {
+  using Acc = typename Num<S>::Acc;
+  extern __shared__ __align__(16) unsigned char pool_smem[];
+  S* smg = reinterpret_cast<S*>(pool_smem);
+  uint8_t* smo = pool_smem + off_smem_bytes;  // a multiple of 16
+  const uint32_t plane = blockIdx.x / tiles, tile = blockIdx.x - plane * tiles;
+  const int h_a = int(tile) * th, h_b = min(h_a + th, f.H);
+  // Windows p covering row h: [pstart(h), pend(h)), both non-decreasing in h.
+  const int pa = h_a + f.ph < f.kh ? 0 : int(f.dsh.div(uint32_t(h_a + f.ph - f.kh))) + 1;
+  const int pb = min(int(f.dsh.div(uint32_t(h_b - 1 + f.ph))) + 1, f.P);
+  const uint32_t n = pb > pa ? uint32_t(pb - pa) * uint32_t(f.Q) : 0u;
+  const uint32_t obase = plane * uint32_t(f.P) * uint32_t(f.Q) + uint32_t(min(pa, f.P)) * uint32_t(f.Q);
+  const uint32_t ag = stage_range<S>(smg, gy + obase, n);
+  const uint32_t ao = stage_range<uint8_t>(smo, off + obase, n);
+  __syncthreads();
+  const uint32_t xb = plane * uint32_t(f.H) * uint32_t(f.W) + uint32_t(h_a) * uint32_t(f.W);
+  const uint32_t nin = uint32_t(h_b - h_a) * uint32_t(f.W);
+  for (uint32_t i = threadIdx.x; i < nin; i += blockDim.x) {
+    const uint32_t hr = f.dW.div(i);
+    const int w = int(i - hr * uint32_t(f.W)), h = h_a + int(hr);
+    const int hp = h + f.ph, wp = w + f.pw;
+    const int pend = min(int(f.dsh.div(uint32_t(hp))) + 1, f.P);
+    const int pstart = hp < f.kh ? 0 : int(f.dsh.div(uint32_t(hp - f.kh))) + 1;
+    const int qend = min(int(f.dsw.div(uint32_t(wp))) + 1, f.Q);
+    const int qstart = wp < f.kw ? 0 : int(f.dsw.div(uint32_t(wp - f.kw))) + 1;
+    Acc sum = Acc(0);
+    for (int p = pend - 1; p >= pstart; --p) {
+      const int kr = (hp - p * f.sh) * f.kw + wp;
+      const uint32_t row = uint32_t(p - pa) * uint32_t(f.Q);
+      for (int q = qend - 1; q >= qstart; --q) {
+        const uint32_t o = row + uint32_t(q);
+        if (int(smo[ao + o]) == kr - q * f.sw) sum += Num<S>::to_acc(smg[ag + o]);
+      }
+    }
+    gx[xb + i] = Num<S>::from_acc(sum);
+  }
+}
+
+// ---- Channel-vector NHWC kernels (fast layout 2, C % VEC == 0, 16-byte aligned
+// data): a thread handles VEC = 16 / sizeof(S) adjacent channels of one output
+// (forward) or input (backward) position with 16-byte loads and stores; the
+// window walk and the per-channel update rules are those of the scalar kernels.
+template <typename S> struct alignas(16) PoolVec { S v[16 / sizeof(S)]; };
+template <typename S> struct alignas(16 / sizeof(S)) PoolOffVec { uint8_t v[16 / sizeof(S)]; };
+
+template <typename S>
+__global__ void __launch_bounds__(kPoolThreads)
+    max_pool_fwd_nhwc_vec(PoolFast f, FastDiv dCV, uint32_t total_vec, const S* __restrict__ x,
+                          S* __restrict__ y, uint8_t* __restrict__ off) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int V = 16 / sizeof(S);
+  const uint32_t CV = dCV.d;
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total_vec;
+       t += gridDim.x * blockDim.x) {
+    const uint32_t r1 = dCV.div(t), cv = t - r1 * CV;
+    const uint32_t r2 = f.dQ.div(r1);
+    const int q = int(r1 - r2 * uint32_t(f.Q));
+    const uint32_t n = f.dP.div(r2);
+    const int p = int(r2 - n * uint32_t(f.P));
+    const PoolVec<S>* xv = reinterpret_cast<const PoolVec<S>*>(x) + n * uint32_t(f.H) * uint32_t(f.W) * CV + cv;
+    const int h0 = p * f.sh - f.ph, w0 = q * f.sw - f.pw;
+    const int hs = h0 > 0 ? h0 : 0, he = h0 + f.kh < f.H ? h0 + f.kh : f.H;
+    const int ws = w0 > 0 ? w0 : 0, we = w0 + f.kw < f.W ? w0 + f.kw : f.W;
+    Acc best[V];
+    PoolVec<S> best_s;
+    PoolOffVec<S> bk;
+#pragma unroll
+    for (int l = 0; l < V; ++l) { best[l] = Acc(-INFINITY); best_s.v[l] = Num<S>::from_acc(best[l]); bk.v[l] = 0; }
+    bool first = true;
+    for (int h = hs; h < he; ++h) {
+      const int kr = (h - h0) * f.kw - w0;
+      for (int w = ws; w < we; ++w) {
+        const PoolVec<S> pk = xv[(uint32_t(h) * uint32_t(f.W) + uint32_t(w)) * CV];
+        const uint8_t k = uint8_t(kr + w);
+#pragma unroll
+        for (int l = 0; l < V; ++l) {
+          const Acc v = Num<S>::to_acc(pk.v[l]);
+          if (first || v > best[l] || isnan(v)) { best[l] = v; best_s.v[l] = pk.v[l]; bk.v[l] = k; }
+        }
+        first = false;
+      }
+    }
+    reinterpret_cast<PoolVec<S>*>(y)[t] = best_s;
+    reinterpret_cast<PoolOffVec<S>*>(off)[t] = bk;
+  }
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kPoolThreads)
+    max_pool_bwd_nhwc_vec(PoolFast f, FastDiv dCV, uint32_t total_vec, const S* __restrict__ gy,
+                          const uint8_t* __restrict__ off, S* __restrict__ gx) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int V = 16 / sizeof(S);
+  const uint32_t CV = dCV.d;
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total_vec;
+       t += gridDim.x * blockDim.x) {
+    const uint32_t r1 = dCV.div(t), cv = t - r1 * CV;
+    const uint32_t r2 = f.dW.div(r1);
+    const int w = int(r1 - r2 * uint32_t(f.W));
+    const uint32_t n = f.dH.div(r2);
+    const int h = int(r2 - n * uint32_t(f.H));
+    const uint32_t ob = n * uint32_t(f.P) * uint32_t(f.Q) * CV + cv;  // in vectors
+    const PoolVec<S>* gv = reinterpret_cast<const PoolVec<S>*>(gy) + ob;
+    const PoolOffVec<S>* ov = reinterpret_cast<const PoolOffVec<S>*>(off) + ob;
+    const int hp = h + f.ph, wp = w + f.pw;
+    const int pend = min(int(f.dsh.div(uint32_t(hp))) + 1, f.P);
+    const int pstart = hp < f.kh ? 0 : int(f.dsh.div(uint32_t(hp - f.kh))) + 1;
+    const int qend = min(int(f.dsw.div(uint32_t(wp))) + 1, f.Q);
+    const int qstart = wp < f.kw ? 0 : int(f.dsw.div(uint32_t(wp - f.kw))) + 1;
+    Acc sum[V];
+#pragma unroll
+    for (int l = 0; l < V; ++l) sum[l] = Acc(0);
+    for (int p = pend - 1; p >= pstart; --p) {
+      const int kr = (hp - p * f.sh) * f.kw + wp;
+      for (int q = qend - 1; q >= qstart; --q) {
+        const uint32_t o = (uint32_t(p) * uint32_t(f.Q) + uint32_t(q)) * CV;
+        const PoolOffVec<S> ok = ov[o];
+        const int k = kr - q * f.sw;
+        bool any = false;
+#pragma unroll
+        for (int l = 0; l < V; ++l) any |= int(ok.v[l]) == k;
+        if (!any) continue;  // skip the grad_output load
+        const PoolVec<S> g = gv[o];
+#pragma unroll
+        for (int l = 0; l < V; ++l)
+          if (int(ok.v[l]) == k) sum[l] += Num<S>::to_acc(g.v[l]);
+      }
+    }
+    PoolVec<S> out;
+#pragma unroll
+    for (int l = 0; l < V; ++l) out.v[l] = Num<S>::from_acc(sum[l]);
+    reinterpret_cast<PoolVec<S>*>(gx)[t] = out;
+  }
+}
+
+// Band heights and shared-memory bytes of the tiled kernels; 0 rows: does not fit.
+struct PoolTilePlan {
+  int rows = 0;
+  uint32_t tiles = 0, off_smem = 0;
+  size_t smem = 0;
+};
+inline size_t round16(size_t b) { return (b + 15) / 16 * 16; }
+
+PoolTilePlan plan_fwd_tiled(const PoolDesc& d, size_t elem) {
+  PoolTilePlan t;
+  int64_t tp = ceil_div(kTileTarget, d.Q);
+  if (tp > d.P) tp = d.P;
+  for (; tp >= 1; tp = tp > 1 ? tp / 2 : 0) {
+    const int64_t rows_in = (tp - 1) * d.sh + d.kh;
+    const size_t bytes = round16(size_t(rows_in * d.W) * elem + 16);
+    if (rows_in * d.W < (int64_t(1) << 31) && bytes <= size_t(kTileSmemBytes)) {
+      t.rows = int(tp);
+      t.tiles = uint32_t(ceil_div(d.P, tp));
+      t.smem = bytes;
+      return t;
+    }
+  }
+  return t;
+}
+
+PoolTilePlan plan_bwd_tiled(const PoolDesc& d, size_t elem) {
+  PoolTilePlan t;
+  int64_t th = ceil_div(kTileTargetBwd, d.W);
+  if (th > d.H) th = d.H;
+  for (; th >= 1; th = th > 1 ? th / 2 : 0) {
+    // pend(h_b - 1) - pstart(h_a) <= (th - 1 + kh) / sh + 1 output rows.
+    const int64_t rows_out = (th - 1 + d.kh) / d.sh + 2;
+    const size_t gbytes = round16(size_t(rows_out * d.Q) * elem + 16);
+    const size_t bytes = gbytes + round16(size_t(rows_out * d.Q) + 16);
+    if (bytes <= size_t(kTileSmemBytes)) {
+      t.rows = int(th);
+      t.tiles = uint32_t(ceil_div(d.H, th));
+      t.off_smem = uint32_t(gbytes);
+      t.smem = bytes;
+      return t;
+    }
+  }
+  return t;
+}
+
 template <typename S, typename O>
 __global__ void max_pool_fwd_kernel(PoolDesc d, const S* __restrict__ x, S* __restrict__ y,
                                     O* __restrict__ off) {
@@ -225,6 +501,10 @@ bool dense_as(const int64_t (&st)[4], int64_t C, int64_t H, int64_t W, bool cl) 
   return st[3] == 1 && st[2] == W && st[1] == H * W && st[0] == C * H * W;
 }
 
+inline bool aligned_to(const void* p, uintptr_t a) {
+  return reinterpret_cast<uintptr_t>(p) % a == 0;
+}
+
 // 0: generic kernels; 1: fast NCHW; 2: fast NHWC. `off_str` must equal `out_str`.
 int pool_fast_layout(const PoolDesc& d, bool offsets_int32) {
   constexpr int64_t kLim = int64_t(1) << 31;
@@ -254,7 +534,24 @@ int max_pool2d_forward(const PoolDesc& d, DType dt, const void* x, void* y, void
     const int fast = pool_fast_layout(d, offsets_int32);
     if (fast) {
       const PoolFast f = make_pool_fast(d);
-      if (fast == 2)
+      constexpr int V = 16 / sizeof(S);
+      const PoolTilePlan tp = fast == 1 ? plan_fwd_tiled(d, sizeof(S)) : PoolTilePlan{};
+      if (tp.rows > 0) {
+        const unsigned blocks = unsigned(d.N * d.C) * tp.tiles;
+        auto kern = d.kh == 3 && d.kw == 3   ? max_pool_fwd_tiled<S, 3, 3>
+                    : d.kh == 2 && d.kw == 2 ? max_pool_fwd_tiled<S, 2, 2>
+                                             : max_pool_fwd_tiled<S, 0, 0>;
+        kern<<<blocks, kTileThreads, tp.smem, stream>>>(f, tp.tiles, tp.rows,
+                                                        static_cast<const S*>(x),
+                                                        static_cast<S*>(y),
+                                                        static_cast<uint8_t*>(offsets));
+      } else if (fast == 2 && d.C % V == 0 && aligned_to(x, 16) && aligned_to(y, 16) &&
+                 aligned_to(offsets, V)) {
+        const uint32_t tv = uint32_t(total / V);
+        max_pool_fwd_nhwc_vec<S><<<grid_for(tv, kPoolThreads), kPoolThreads, 0, stream>>>(
+            f, FastDiv(uint32_t(d.C / V)), tv, static_cast<const S*>(x), static_cast<S*>(y),
+            static_cast<uint8_t*>(offsets));
+      } else if (fast == 2)
         max_pool_fwd_fast<S, true><<<grid, kPoolThreads, 0, stream>>>(
             f, total, static_cast<const S*>(x), static_cast<S*>(y), static_cast<uint8_t*>(offsets));
       else
@@ -280,7 +577,20 @@ int max_pool2d_backward(const PoolDesc& d, DType dt, const void* gy, const void*
     const int fast = pool_fast_layout(d, offsets_int32);
     if (fast) {
       const PoolFast f = make_pool_fast(d);
-      if (fast == 2)
+      constexpr int V = 16 / sizeof(S);
+      const PoolTilePlan tp = fast == 1 ? plan_bwd_tiled(d, sizeof(S)) : PoolTilePlan{};
+      if (tp.rows > 0) {
+        const unsigned blocks = unsigned(d.N * d.C) * tp.tiles;
+        max_pool_bwd_tiled<S><<<blocks, kTileThreads, tp.smem, stream>>>(
+            f, tp.tiles, tp.rows, tp.off_smem, static_cast<const S*>(gy),
+            static_cast<const uint8_t*>(offsets), static_cast<S*>(gx));
+      } else if (fast == 2 && d.C % V == 0 && aligned_to(gy, 16) && aligned_to(gx, 16) &&
+                 aligned_to(offsets, V)) {
+        const uint32_t tv = uint32_t(total / V);
+        max_pool_bwd_nhwc_vec<S><<<grid_for(tv, kPoolThreads), kPoolThreads, 0, stream>>>(
+            f, FastDiv(uint32_t(d.C / V)), tv, static_cast<const S*>(gy),
+            static_cast<const uint8_t*>(offsets), static_cast<S*>(gx));
+      } else if (fast == 2)
         max_pool_bwd_fast<S, true><<<grid, kPoolThreads, 0, stream>>>(
             f, total, static_cast<const S*>(gy), static_cast<const uint8_t*>(offsets),
             static_cast<S*>(gx));
