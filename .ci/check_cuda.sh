@@ -4,7 +4,9 @@
 #     BuildExtension adds (no implicit half conversions etc.);
 #  2. csrc/cuda/*.cpp (the torch glue) with g++ -fsyntax-only against the
 #     installed torch headers;
-#  3. .ci/host_check.cu: the conv2d index maps run on the host vs direct loops.
+#  3. .ci/host_check.cu: the conv2d index maps and the SIMT GEMM tiles run on
+#     the host vs direct loops; .ci/host_check_gemm_tc.cu replays the
+#     tensor-core GEMM (cp.async, ldmatrix, mma fragment maps) on the host.
 # Exits non-zero on the first failure. Skips the nvcc part if nvcc is absent.
 # Env: ARCHS (default "80 90"), NVCC_TIMEOUT (seconds per file, default 900).
 set -uo pipefail
@@ -45,6 +47,13 @@ if timeout "$NVCC_TIMEOUT" nvcc -std=c++17 $TORCH_NVCC_FLAGS -Icsrc .ci/host_che
   /tmp/fastlayers_host_check || status=1
 else
   echo "FAIL: .ci/host_check.cu"; status=1
+fi
+echo "== host replay of the tensor-core GEMM (.ci/host_check_gemm_tc.cu)"
+if timeout "$NVCC_TIMEOUT" nvcc -std=c++17 $TORCH_NVCC_FLAGS -Icsrc .ci/host_check_gemm_tc.cu \
+    -o /tmp/fastlayers_host_check_tc -gencode arch=compute_90,code=sm_90; then
+  /tmp/fastlayers_host_check_tc || status=1
+else
+  echo "FAIL: .ci/host_check_gemm_tc.cu"; status=1
 fi
 [ $status -eq 0 ] && echo "check_cuda: all OK" || echo "check_cuda: FAILURES"
 exit $status

@@ -206,6 +206,11 @@ def case_bn():
            {"max_rel_err": err, "bytes_model": "5 tensor passes"}, "GB/s", nbytes)
     if over_budget():
         return
+    os.environ["FASTLAYERS_BN_NO_CLUSTER"] = "1"   # read per call: the split-kernel path
+    t = bench({"torch": tf, "ours": of}, reps=15, flush=True)
+    del os.environ["FASTLAYERS_BN_NO_CLUSTER"]
+    record("batchnorm 32x64x112x112 fp32 train fwd+bwd (split kernels, no cluster)", t,
+           {"bytes_model": "5 tensor passes"}, "GB/s", nbytes)
     t = bench({"torch": lambda: torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5),
                "ours": lambda: ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)},
               reps=15, flush=True)

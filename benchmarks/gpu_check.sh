@@ -43,7 +43,7 @@ test_rc=0
 # --maxfail rather than -x: one run should show every failing case it can.
 # test_errors runs on its own afterwards: a crash there must not hide the
 # other tests' failure reports.
-timeout 240 python -m pytest tests/test_cuda.py -v --maxfail=25 -rs --tb=short -p no:cacheprovider \
+timeout 240 python -m pytest tests/test_cuda.py tests/test_cuda_gemm_tc.py tests/test_cuda_membound.py -v --maxfail=25 -rs --tb=short -p no:cacheprovider \
   --deselect tests/test_cuda.py::test_errors || test_rc=$?
 echo "tests rc=$test_rc"
 err_rc=0
