@@ -33,6 +33,7 @@
 #pragma once
 #include <mma.h>
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -383,6 +384,15 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int64_t groups, DType
     pl.cfg = 1; pl.BM = 128; pl.BN = 128;
   } else if (dt == DType::F32 && N > 96 && tiles_of(64, 128) >= kWave) {
     pl.cfg = 3; pl.BM = 64; pl.BN = 128;
+  }
+  // Benchmarking knob: FASTLAYERS_SIMT_CFG=0/1/3 forces a float32 tile config.
+  if (dt == DType::F32) {
+    if (const char* e = std::getenv("FASTLAYERS_SIMT_CFG")) {
+      const int c = std::atoi(e);
+      if (c == 0 || c == 1 || c == 3) {
+        pl.cfg = c; pl.BM = c == 1 ? 128 : 64; pl.BN = c == 0 ? 64 : 128;
+      }
+    }
   }
   const int64_t tiles = tiles_of(pl.BM, pl.BN);
   const int64_t acc_size = dt == DType::F64 ? 8 : 4;
