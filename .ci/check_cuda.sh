@@ -6,7 +6,9 @@
 #     installed torch headers;
 #  3. .ci/host_check.cu: the conv2d index maps and the SIMT GEMM tiles run on
 #     the host vs direct loops; .ci/host_check_gemm_tc.cu replays the
-#     tensor-core GEMM (cp.async, ldmatrix, mma fragment maps) on the host.
+#     tensor-core GEMM (cp.async, ldmatrix, mma fragment maps) on the host;
+#     .ci/host_check_wgmma.cu replays the wgmma GEMM's copy / swizzle /
+#     accumulator maps against a model of the SWIZZLE_128B descriptor read.
 # Exits non-zero on the first failure. Skips the nvcc part if nvcc is absent.
 # Env: ARCHS (default "80 90"), NVCC_TIMEOUT (seconds per file, default 900).
 set -uo pipefail
@@ -60,6 +62,13 @@ if timeout "$NVCC_TIMEOUT" nvcc -std=c++17 $TORCH_NVCC_FLAGS -Icsrc .ci/host_che
   /tmp/fastlayers_host_check_tc || status=1
 else
   echo "FAIL: .ci/host_check_gemm_tc.cu"; status=1
+fi
+echo "== host replay of the wgmma GEMM's copy / swizzle / epilogue maps (.ci/host_check_wgmma.cu)"
+if timeout "$NVCC_TIMEOUT" nvcc -std=c++17 -O2 $TORCH_NVCC_FLAGS -Icsrc .ci/host_check_wgmma.cu \
+    -o /tmp/fastlayers_host_check_wgmma -gencode arch=compute_90,code=sm_90; then
+  /tmp/fastlayers_host_check_wgmma || status=1
+else
+  echo "FAIL: .ci/host_check_wgmma.cu"; status=1
 fi
 [ $status -eq 0 ] && echo "check_cuda: all OK" || echo "check_cuda: FAILURES"
 exit $status

@@ -159,6 +159,47 @@ __device__ __forceinline__ void fence_acc(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// This thread's global -> shared copies of one K tile (A's 128 x 64 and B's
+// BN x 64 elements, at k0 .. k0 + 63): copy(b, dst, src, bytes) per 16-byte
+// chunk, b: operand B (else A), dst: byte offset in the stage (B's tile starts
+// at A_BYTES), src: element offset from the operand's base, bytes: bytes to
+// read (the rest zero-filled; 0: src is 0, nothing read). Thread tid copies
+// chunk copy_chunk(tid) of rows copy_row(tid, i), i.e. swz(row, c) =
+// dst0 + i * 32 * 128 (32 i does not change row % 8).
+template <class CF>
+struct Copies {
+  int c;
+  uint32_t dst0, okA, okB;   // ok*: bit i set when copy i's row is inside M (N)
+  int64_t offA, offB, sA, sB, K;
+  FL_HD void init(int tid, int64_t m0, int64_t n0, int64_t M, int64_t N, int64_t K_, int64_t sA_,
+                  int64_t sB_) {
+    c = copy_chunk(tid);
+    const int r0 = copy_row(tid, 0);
+    dst0 = uint32_t(swz(r0, c));
+    sA = sA_; sB = sB_; K = K_;
+    offA = (m0 + r0) * sA + 8 * c;
+    offB = (n0 + r0) * sB + 8 * c;
+    okA = okB = 0;
+    for (int i = 0; i < CF::A_COPIES; ++i) okA |= uint32_t(m0 + copy_row(tid, i) < M) << i;
+    for (int i = 0; i < CF::B_COPIES; ++i) okB |= uint32_t(n0 + copy_row(tid, i) < N) << i;
+  }
+  template <class F>
+  FL_HD __forceinline__ void tile(int64_t k0, F&& copy) const {
+    const int bytes = tc::chunk_bytes(K - k0 - 8 * c);
+FL_TC_UNROLL
+    for (int i = 0; i < CF::A_COPIES; ++i) {
+      const bool ok = bytes && ((okA >> i) & 1);
+      copy(false, dst0 + uint32_t(i * 32 * kRowBytes), ok ? offA + i * 32 * sA + k0 : 0, ok ? bytes : 0);
+    }
+FL_TC_UNROLL
+    for (int i = 0; i < CF::B_COPIES; ++i) {
+      const bool ok = bytes && ((okB >> i) & 1);
+      copy(true, uint32_t(CF::A_BYTES) + dst0 + uint32_t(i * 32 * kRowBytes),
+           ok ? offB + i * 32 * sB + k0 : 0, ok ? bytes : 0);
+    }
+  }
+};
+
 template <typename S, class CF>
 __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(tc::Params<S> P) {
 #ifdef FL_WGMMA_OK
@@ -171,29 +212,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(tc::Params<S> P
   // Stage s: A tile at sbase + s * STAGE_BYTES, B tile A_BYTES after it.
   const uint32_t sbase = (uint32_t(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
 
-  // Copies: rows copy_row(tid, i) of each tile, chunk c; destination offset
-  // swz(row, c) = dst0 + i * 32 * 128 (32 i does not change row % 8).
-  const int c = copy_chunk(tid), r0 = copy_row(tid, 0);
-  const uint32_t dst0 = uint32_t(swz(r0, c));
-  const int64_t offA = (m0 + r0) * P.sA + 8 * c, offB = (n0 + r0) * P.sB + 8 * c;
-  uint32_t okA = 0, okB = 0;   // bit i: row of copy i inside M (N)
-#pragma unroll
-  for (int i = 0; i < CF::A_COPIES; ++i) okA |= uint32_t(m0 + copy_row(tid, i) < P.M) << i;
-#pragma unroll
-  for (int i = 0; i < CF::B_COPIES; ++i) okB |= uint32_t(n0 + copy_row(tid, i) < P.N) << i;
+  Copies<CF> cp;
+  cp.init(tid, m0, n0, P.M, P.N, P.K, P.sA, P.sB);
   auto load = [&](int stage, int64_t k0) {
-    const int bytes = tc::chunk_bytes(P.K - k0 - 8 * c);
-    const uint32_t sa = sbase + stage * CF::STAGE_BYTES + dst0, sb = sa + CF::A_BYTES;
-#pragma unroll
-    for (int i = 0; i < CF::A_COPIES; ++i) {
-      const bool ok = bytes && ((okA >> i) & 1);
-      tc::cp_async16(sa + i * 32 * kRowBytes, ok ? P.A + offA + i * 32 * P.sA + k0 : P.A, ok ? bytes : 0);
-    }
-#pragma unroll
-    for (int i = 0; i < CF::B_COPIES; ++i) {
-      const bool ok = bytes && ((okB >> i) & 1);
-      tc::cp_async16(sb + i * 32 * kRowBytes, ok ? P.B + offB + i * 32 * P.sB + k0 : P.B, ok ? bytes : 0);
-    }
+    const uint32_t st = sbase + stage * CF::STAGE_BYTES;
+    cp.tile(k0, [&](bool b, uint32_t dst, int64_t src, int bytes) {
+      tc::cp_async16(st + dst, (b ? P.B : P.A) + src, bytes);
+    });
   };
 
   float acc[CF::ACC];
