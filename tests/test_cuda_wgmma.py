@@ -78,7 +78,7 @@ def test_wgmma_large(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_wgmma_grad_weight_transposed(dtype):
     # grad_weight = dY^T . X with dY and X stored transposed: both K-contiguous.
-    M, K, N = 300, 200, 130
+    M, K, N = 304, 200, 130   # M: the row stride of dY^T and X^T, a multiple of 8
     x = rand(K, M, dtype=dtype).t()
     w = rand(N, K, dtype=dtype)
     gy = rand(N, M, dtype=dtype).t()
