@@ -27,6 +27,21 @@ def _want_cuda():
     return cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
 
 
+def _add_sm90a():
+    """The wgmma GEMM (csrc/cuda/gemm_wgmma.cu) needs an sm_90a image: when the
+    arch list has 9.0, add 9.0a (torch then passes -gencode
+    arch=compute_90a,code=sm_90a for every .cu; the sm_90 image stays, and the
+    driver loads the sm_90a one on Hopper). Extra arch flags in nvcc's
+    extra_compile_args would make torch drop its own arch flags, hence the
+    list. FASTLAYERS_SM90A=0 turns this off (wgmma then declines at run time)."""
+    if os.environ.get("FASTLAYERS_SM90A", "1") in ("", "0"):
+        return
+    archs = [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if a]
+    bare = [a.split("+")[0] for a in archs]
+    if "9.0" in bare and "9.0a" not in bare:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs + ["9.0a"])
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
@@ -48,6 +63,7 @@ def _extension():
     # No visible GPU (e.g. building on a CPU box): torch's default arch
     # detection fails, so pick Ampere + Hopper.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    _add_sm90a()
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     nvcc = ["-O3", "-std=c++17", "-lineinfo",
             "-DFASTLAYERS_EXT"]

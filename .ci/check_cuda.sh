@@ -6,7 +6,9 @@
 #     installed torch headers;
 #  3. .ci/host_check.cu: the conv2d index maps and the SIMT GEMM tiles run on
 #     the host vs direct loops; .ci/host_check_gemm_tc.cu replays the
-#     tensor-core GEMM (cp.async, ldmatrix, mma fragment maps) on the host.
+#     tensor-core GEMM (cp.async, ldmatrix, mma fragment maps) on the host;
+#     .ci/host_check_wgmma.cu replays the wgmma GEMM's copy / swizzle /
+#     accumulator maps against a model of the SWIZZLE_128B descriptor read.
 # Exits non-zero on the first failure. Skips the nvcc part if nvcc is absent.
 # Env: ARCHS (default "80 90"), NVCC_TIMEOUT (seconds per file, default 900).
 set -uo pipefail
@@ -33,10 +35,16 @@ GENCODE=""
 for a in $ARCHS; do GENCODE="$GENCODE -gencode arch=compute_$a,code=sm_$a"; done
 TORCH_NVCC_FLAGS="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr"
 for f in csrc/cuda/*.cu; do
-  echo "== nvcc $f ($ARCHS)"
+  # The wgmma GEMM's device code exists only in the sm_90a image (setup.py adds
+  # 9.0a to the build's arch list): compile that too, with ptxas' register report.
+  extra=""
+  case "$f" in
+    *wgmma*) case " $ARCHS " in *" 90 "*) extra="-gencode arch=compute_90a,code=sm_90a -Xptxas -v";; esac;;
+  esac
+  echo "== nvcc $f ($ARCHS${extra:+ 90a})"
   start=$(date +%s)
   if ! timeout "$NVCC_TIMEOUT" nvcc -std=c++17 -O3 $TORCH_NVCC_FLAGS -Xcompiler -Wall \
-      -Icsrc -c "$f" -o /dev/null $GENCODE; then
+      -Icsrc -c "$f" -o /dev/null $GENCODE $extra 2> >(grep -v -E "^ptxas info *: (Compile time|Function properties|[0-9]+ bytes gmem)" >&2); then
     echo "FAIL: $f"; status=1
   fi
   echo "   $(( $(date +%s) - start )) s"
@@ -54,6 +62,13 @@ if timeout "$NVCC_TIMEOUT" nvcc -std=c++17 $TORCH_NVCC_FLAGS -Icsrc .ci/host_che
   /tmp/fastlayers_host_check_tc || status=1
 else
   echo "FAIL: .ci/host_check_gemm_tc.cu"; status=1
+fi
+echo "== host replay of the wgmma GEMM's copy / swizzle / epilogue maps (.ci/host_check_wgmma.cu)"
+if timeout "$NVCC_TIMEOUT" nvcc -std=c++17 -O2 $TORCH_NVCC_FLAGS -Icsrc .ci/host_check_wgmma.cu \
+    -o /tmp/fastlayers_host_check_wgmma -gencode arch=compute_90,code=sm_90; then
+  /tmp/fastlayers_host_check_wgmma || status=1
+else
+  echo "FAIL: .ci/host_check_wgmma.cu"; status=1
 fi
 [ $status -eq 0 ] && echo "check_cuda: all OK" || echo "check_cuda: FAILURES"
 exit $status

@@ -104,6 +104,12 @@ def case_gemm(dtype, n=4096):
     t = bench({"torch": lambda: torch.mm(a, w.t()), "ours": lambda: ops.linear_forward(a, w, None)},
               reps=10, warmup=2)
     record(f"gemm {str(dtype)[6:]} {n}^3 (A.B^T)", t, {"max_rel_err": err}, "TFLOP/s", 2 * n**3)
+    if dtype in (torch.float16, torch.bfloat16) and not over_budget():
+        os.environ["FASTLAYERS_NO_WGMMA"] = "1"   # read per call: the mma.sync kernel
+        t = bench({"torch": lambda: torch.mm(a, w.t()), "ours": lambda: ops.linear_forward(a, w, None)},
+                  reps=10, warmup=2)
+        del os.environ["FASTLAYERS_NO_WGMMA"]
+        record(f"gemm {str(dtype)[6:]} {n}^3 (A.B^T, mma.sync: no wgmma)", t, None, "TFLOP/s", 2 * n**3)
 
 
 def case_linear():

@@ -26,6 +26,8 @@ echo "CXX=${CXX:-default}"
 t0=$(date +%s)
 build_rc=0
 BUILD_LOG="${OUT:-.}/build.log"
+# setup.py adds 9.0a to a list with 9.0 (sm_90a image for the wgmma GEMM;
+# FASTLAYERS_SM90A=0 leaves it out).
 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
   python setup.py build_ext --inplace > "$BUILD_LOG" 2>&1 || build_rc=$?
 echo "build rc=$build_rc in $(( $(date +%s) - t0 )) s (full log: $BUILD_LOG)"
@@ -36,6 +38,8 @@ if [ "$build_rc" -ne 0 ]; then
   exit "$build_rc"
 fi
 grep -i -E "warning" "$BUILD_LOG" | grep -v -E "^\s*$" | head -n 20 || true
+grep -q "code=sm_90a" "$BUILD_LOG" && echo "sm_90a image built (wgmma GEMM)" \
+  || echo "no sm_90a image in the build: the wgmma GEMM declines"
 python -c "import fastlayers, torch; print('fastlayers from', fastlayers.__file__, 'with_cuda', fastlayers._C.with_cuda())"
 
 echo "== tests"
@@ -43,7 +47,7 @@ test_rc=0
 # --maxfail rather than -x: one run should show every failing case it can.
 # test_errors runs on its own afterwards: a crash there must not hide the
 # other tests' failure reports.
-timeout 240 python -m pytest tests/test_cuda.py tests/test_cuda_gemm_tc.py tests/test_cuda_membound.py -v --maxfail=25 -rs --tb=short -p no:cacheprovider \
+timeout 300 python -m pytest tests/test_cuda.py tests/test_cuda_gemm_tc.py tests/test_cuda_wgmma.py tests/test_cuda_membound.py -v --maxfail=25 -rs --tb=short -p no:cacheprovider \
   --deselect tests/test_cuda.py::test_errors || test_rc=$?
 echo "tests rc=$test_rc"
 err_rc=0

@@ -9,6 +9,11 @@ namespace fastlayers::cuda {
 // Compiled in gemm_tc_half.cu / gemm_tc_bf16.cu.
 extern template int gemm_tc<__half>(const GemmDesc& d, cudaStream_t stream);
 extern template int gemm_tc<__nv_bfloat16>(const GemmDesc& d, cudaStream_t stream);
+// Compiled in gemm_wgmma.cu (sm_90a wgmma, A and B K-contiguous); -1: not applicable.
+template <typename S> int gemm_wgmma(const GemmDesc& d, cudaStream_t stream);
+extern template int gemm_wgmma<__half>(const GemmDesc& d, cudaStream_t stream);
+extern template int gemm_wgmma<__nv_bfloat16>(const GemmDesc& d, cudaStream_t stream);
+bool gemm_wgmma_ok(const GemmDesc& d);
 }  // namespace fastlayers::cuda
 
 namespace fastlayers::cuda {
@@ -72,17 +77,21 @@ StridedGemm<S> make_problem(const GemmDesc& d) {
 }  // namespace
 
 int64_t gemm_workspace_bytes(const GemmDesc& desc, DType dt) {
-  if ((dt == DType::F16 || dt == DType::BF16) && gemm_tc_ok(desc)) return 0;  // gemm_tc: no split-K
+  // gemm_wgmma / gemm_tc: no split-K.
+  if ((dt == DType::F16 || dt == DType::BF16) && (gemm_wgmma_ok(desc) || gemm_tc_ok(desc))) return 0;
   const GemmDesc d = orient(desc);
   if (d.M <= 0 || d.N <= 0) return 0;
   return plan_gemm(d.M, d.N, d.K, 1, dt).ws_bytes;
 }
 
 int gemm(const GemmDesc& desc, DType dt, void* workspace, cudaStream_t stream) {
-  // float16 / bfloat16: mma.sync kernel when the layout qualifies (-1: it does not).
+  // float16 / bfloat16: wgmma kernel (Hopper, both operands K-contiguous), else
+  // the mma.sync kernel, when the layout qualifies (-1: it does not).
   if (dt == DType::F16 || dt == DType::BF16) {
-    const int r = dt == DType::F16 ? gemm_tc<__half>(desc, stream)
-                                   : gemm_tc<__nv_bfloat16>(desc, stream);
+    int r = dt == DType::F16 ? gemm_wgmma<__half>(desc, stream)
+                             : gemm_wgmma<__nv_bfloat16>(desc, stream);
+    if (r != -1) return r;
+    r = dt == DType::F16 ? gemm_tc<__half>(desc, stream) : gemm_tc<__nv_bfloat16>(desc, stream);
     if (r != -1) return r;
   }
   const GemmDesc d = orient(desc);
