@@ -63,14 +63,17 @@ def main():
         if not flops:
             continue
         row = []
-        for cfg in ("", "0", "3", "1"):
+        for cfg in ("", "0", "3", "1", "1+minb2"):
+            os.environ.pop("FASTLAYERS_SIMT_CFG", None)
+            os.environ.pop("FASTLAYERS_SIMT_MINB", None)
             if cfg:
-                os.environ["FASTLAYERS_SIMT_CFG"] = cfg
-            else:
-                os.environ.pop("FASTLAYERS_SIMT_CFG", None)
+                os.environ["FASTLAYERS_SIMT_CFG"] = cfg[0]
+            if cfg.endswith("minb2"):
+                os.environ["FASTLAYERS_SIMT_MINB"] = "2"
             t = med(f)
             row.append(f"cfg{cfg or '-auto'} {t:.3f} ms {flops / t / 1e9:.1f} TF")
         os.environ.pop("FASTLAYERS_SIMT_CFG", None)
+        os.environ.pop("FASTLAYERS_SIMT_MINB", None)
         print(f"{name:12s} " + " | ".join(row), flush=True)
 
 
