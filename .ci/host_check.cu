@@ -444,6 +444,81 @@ static int check_bn(int64_t N, int64_t C, int64_t Sp, bool cl) {
   return bad ? 1 : 0;
 }
 
+// Batch norm, channels-last kernels: emulates the blocks of bn_stats_partial_nhwc /
+// bn_bwd_partial_nhwc (per-thread functions, merge of rows ty = 0, 1, ... in order)
+// and the row walk of the elementwise passes (every element exactly once).
+template <typename S, int L>
+static int check_bn_nhwc(int64_t N, int64_t C, int64_t Sp, double shift) {
+  using Acc = typename Num<S>::Acc;
+  BNDesc d;
+  d.N = N; d.C = C; d.S = Sp; d.channels_last = true;
+  d.sN = C * Sp; d.sC = 1; d.sS = C;
+  int bad = 0;
+  if (!bn_nhwc_ok(d) || C % L != 0) { std::printf("FAIL bn nhwc not eligible\n"); return 1; }
+  const BNRows g = bn_rows(d, L);
+  const int64_t total = N * C * Sp, R = N * Sp;
+  std::vector<S> x(total + 16), gy(total + 16);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (auto& v : x) v = S(shift + 0.5 * nd(rng));
+  for (auto& v : gy) v = S(nd(rng));
+  std::vector<double> n(C, 0), mean(C, 0), m2(C, 0), sdy(C, 0), sdyx(C, 0);
+  std::vector<int> seen(total, 0);
+  const Acc mu0 = Acc(shift);
+  for (uint32_t ch = 0; ch < g.chunks; ++ch)
+    for (uint32_t sp = 0; sp < g.splits; ++sp) {
+      std::vector<Acc> bn(g.cols * L, 0), bm(g.cols * L, 0), bm2(g.cols * L, 0),
+          bs(g.cols * L, 0), bsx(g.cols * L, 0);
+      for (uint32_t tid = 0; tid < 256; ++tid) {
+        uint32_t cu, r, r1;
+        if (!bn_rows_thread(g, sp, ch, tid, cu, r, r1)) continue;
+        Acc tn[L], tm[L], tm2[L], mu[L], a[L], b[L];
+        for (int l = 0; l < L; ++l) { tn[l] = tm[l] = tm2[l] = a[l] = b[l] = 0; mu[l] = mu0; }
+        bn_nhwc_stats_thread<S, L>(g, x.data(), cu, r, r1, tn, tm, tm2);
+        bn_nhwc_sums_thread<S, L>(g, gy.data(), x.data(), cu, r, r1, mu, a, b);
+        const uint32_t tx = tid % g.cols;
+        for (int l = 0; l < L; ++l) {
+          const uint32_t j = tx * L + l;
+          welford_merge(bn[j], bm[j], bm2[j], tn[l], tm[l], tm2[l]);
+          bs[j] += a[l]; bsx[j] += b[l];
+        }
+        for (uint32_t rr = r; rr < r1; rr += g.rpi)
+          for (int l = 0; l < L; ++l) seen[int64_t(rr) * C + cu * L + l]++;
+      }
+      for (uint32_t tx = 0; tx < g.cols; ++tx)
+        for (int l = 0; l < L; ++l) {
+          const int64_t c = int64_t(ch * g.cols + tx) * L + l;
+          if (c >= C) continue;
+          const uint32_t j = tx * L + l;
+          welford_merge<double>(n[c], mean[c], m2[c], bn[j], bm[j], bm2[j]);
+          sdy[c] += bs[j]; sdyx[c] += bsx[j];
+        }
+    }
+  int cover_bad = 0;
+  for (int64_t t = 0; t < total; ++t) cover_bad += seen[t] != 1;
+  if (cover_bad) { std::printf("FAIL bn nhwc coverage: %d elements\n", cover_bad); bad++; }
+  const double tol = sizeof(S) == 8 ? 1e-10 : 2e-4;
+  for (int64_t c = 0; c < C; ++c) {
+    double rs = 0, rss = 0, rdy = 0, rdyx = 0;
+    for (int64_t r = 0; r < R; ++r) rs += double(x[r * C + c]);
+    const double rmean = rs / double(R);
+    for (int64_t r = 0; r < R; ++r) {
+      const double e = double(x[r * C + c]) - rmean, gv = double(gy[r * C + c]);
+      rss += e * e; rdy += gv; rdyx += gv * (double(x[r * C + c]) - double(mu0));
+    }
+    if (n[c] != double(R) || std::fabs(mean[c] - rmean) > tol * (1 + std::fabs(rmean)) ||
+        std::fabs(m2[c] - rss) > tol * rss || std::fabs(sdy[c] - rdy) > tol * R ||
+        std::fabs(sdyx[c] - rdyx) > tol * R * 4) {
+      if (bad++ < 5) std::printf("FAIL bn nhwc c%ld: n %g/%ld mean %.9g/%.9g var %g/%g sdy %g/%g "
+                                 "sdyx %g/%g\n", long(c), n[c], long(R), mean[c], rmean,
+                                 m2[c] / R, rss / R, sdy[c], rdy, sdyx[c], rdyx);
+    }
+  }
+  std::printf("%s bn nhwc %s L%d N%ld C%ld S%ld shift %g: splits %u chunks %u cols %u rpi %u\n",
+              bad ? "FAIL" : "ok  ", sizeof(S) == 8 ? "f64" : "f32", L, long(N), long(C),
+              long(Sp), shift, g.splits, g.chunks, g.cols, g.rpi);
+  return bad ? 1 : 0;
+}
+
 int main() {
   int bad = 0;
   bad += check_fastdiv();
@@ -467,6 +542,16 @@ int main() {
   bad += check_bn<double>(3, 2, 4096 * 5 + 2, false);
   bad += check_bn<float>(3, 8, 7, true);
   bad += check_bn<double>(2, 6, 5, true);
+  bad += check_bn_nhwc<float, 1>(4, 3, 37, 100.0);
+  bad += check_bn_nhwc<float, 4>(4, 16, 33, 100.0);
+  bad += check_bn_nhwc<float, 4>(2, 64, 300, 1000.0);
+  bad += check_bn_nhwc<float, 4>(3, 100, 50, 100.0);      // 25 units: 10 rows per iteration
+  bad += check_bn_nhwc<float, 1>(3, 100, 50, 0.0);
+  bad += check_bn_nhwc<float, 4>(2, 1028, 9, 5.0);        // 257 units: two chunks
+  bad += check_bn_nhwc<float, 1>(1, 300, 7, 5.0);         // 300 units: two chunks, last partial
+  bad += check_bn_nhwc<double, 2>(2, 6, 41, 100.0);
+  bad += check_bn_nhwc<double, 1>(1, 5, 1000, 100.0);
+  bad += check_bn_nhwc<float, 4>(64, 16, 64, 100.0);      // many splits
   bad += check(2, 3, 9, 11, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, false, false);
   bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, false, false, false);
   bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, true, false, true);
