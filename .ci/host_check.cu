@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -350,6 +351,26 @@ static int check_pool(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, in
       if (cl) pool_bwd_fast_elem<S, true>(f, uint32_t(t), gy.data(), off.data(), gx.data());
       else pool_bwd_fast_elem<S, false>(f, uint32_t(t), gy.data(), off.data(), gx.data());
     }
+    if (!cl && kh == 3 && kw == 3 && sh == 2 && sw == 2) {  // max_pool_bwd_k3s2: bitwise equal
+      std::vector<S> gx2(nin, S(-7));
+      const uint32_t G = uint32_t((W + 3) / 4);
+      for (uint32_t row = 0; row < uint32_t(N * C * H); ++row)
+        for (uint32_t j = 0; j < G; ++j)
+          pool_bwd_k3s2_group<S, false>(f, row, j, gy.data(), off.data(), gx2.data());
+      if (W % 4 == 0) {
+        std::vector<S> gx3(nin + 8, S(-7));
+        for (uint32_t row = 0; row < uint32_t(N * C * H); ++row)
+          for (uint32_t j = 0; j < G; ++j)
+            pool_bwd_k3s2_group<S, true>(f, row, j, gy.data(), off.data(), gx3.data());
+        for (int64_t t = 0; t < nin; ++t)
+          if (std::memcmp(&gx3[t], &gx2[t], sizeof(S)) != 0 && bad++ < 5)
+            std::printf("FAIL pool bwd k3s2 vector store elem %ld\n", long(t));
+      }
+      for (int64_t t = 0; t < nin; ++t)
+        if (std::memcmp(&gx2[t], &gx[t], sizeof(S)) != 0 && bad++ < 5)
+          std::printf("FAIL pool bwd k3s2 pass %d elem %ld: %g vs %g\n", pass, long(t),
+                      double(gx2[t]), double(gx[t]));
+    }
     for (int64_t t = 0; t < nin; ++t)
       if (!(gx[t] == ref[t])) {
         if (bad++ < 5) std::printf("FAIL pool bwd pass %d elem %ld: %g vs %g\n", pass, long(t),
@@ -533,6 +554,11 @@ int main() {
     bad += check_pool<float>(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, false, cl);
     bad += check_pool<float>(1, 3, 6, 5, 4, 4, 1, 2, 2, 2, true, cl);
     bad += check_pool<double>(2, 2, 19, 6, 7, 1, 5, 1, 3, 0, true, cl);
+    bad += check_pool<float>(1, 2, 12, 16, 3, 3, 2, 2, 0, 0, false, cl);   // k3s2 without padding
+    bad += check_pool<float>(1, 2, 12, 16, 3, 3, 2, 2, 0, 0, true, cl);
+    bad += check_pool<float>(2, 2, 9, 8, 3, 3, 2, 2, 1, 1, true, cl);     // W % 4 == 0: 16-byte stores
+    bad += check_pool<double>(1, 3, 14, 20, 3, 3, 2, 2, 1, 1, false, cl);
+    bad += check_pool<float>(1, 2, 3, 2, 3, 3, 2, 2, 1, 1, true, cl);     // tiny: one window
   }
   bad += check_bn<float>(3, 5, 12, false);
   bad += check_bn<float>(4, 3, 4 * 37, false);

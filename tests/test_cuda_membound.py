@@ -2,7 +2,7 @@
 and layouts that reach them (skipped without a GPU).
 
 MaxPool2d: the tiled NCHW kernels (a block stages a band of rows in shared
-memory), the channel-vector NHWC kernels (C % (16 / element size) == 0, 16-byte
+memory), the NCHW 3x3 stride-2 backward (a thread per 4 grad_input elements), the channel-vector NHWC kernels (C % (16 / element size) == 0, 16-byte
 aligned data) and the fallbacks next to them (misaligned base pointers, C not a
 multiple of the vector width, rows too wide for a band). Outputs and indices
 must equal torch's bit for bit; grad_input is compared with a float64 reference.
@@ -56,6 +56,8 @@ POOL = [
     ((1, 1, 4, 12000), (5, 5), (1, 1), (2, 2), False),   # one band does not fit: fallback
     ((2, 16, 15, 14), (3, 3), (2, 2), (1, 1), True),     # C = 16: NHWC vector path
     ((2, 24, 8, 9), (2, 3), (2, 1), (1, 1), False),
+    ((2, 4, 16, 20), (3, 3), (2, 2), (0, 0), False),     # 3x3 stride 2 unpadded, W % 4 == 0
+    ((1, 3, 7, 6), (3, 3), (2, 2), (1, 1), True),        # 3x3 stride 2, W % 4 != 0: scalar stores
 ]
 
 
