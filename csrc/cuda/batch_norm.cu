@@ -12,6 +12,10 @@
 //            sum(dy * (x - mean)) the same way, then bn_bwd_apply computes
 //            dx = w*invstd * (dy - sum(dy)/M - (x - mean) * invstd^2 * sum(dy*(x-mean))/M)
 //            (training) or dx = w*invstd * dy (eval).
+// Channels-last data (< 2^31 elements) take the NHWC row kernels instead
+// (bn_stats_partial_nhwc, bn_bwd_partial_nhwc, bn_apply_nhwc, bn_bwd_apply_nhwc:
+// threads along the contiguous channels, see "Channels-last" below) with
+// warp-per-channel finalizes.
 // fp16/bf16 data use fp32 statistics; float64 data use float64. No atomics:
 // results are bitwise reproducible.
 // sm_90 training fast path (bn_train_fwd_cluster / bn_train_bwd_cluster): one
