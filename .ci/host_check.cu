@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -361,6 +362,26 @@ static int check_pool(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, in
       if (cl) pool_bwd_fast_elem<S, true>(f, uint32_t(t), gy.data(), off.data(), gx.data());
       else pool_bwd_fast_elem<S, false>(f, uint32_t(t), gy.data(), off.data(), gx.data());
     }
+    if (!cl && kh == 3 && kw == 3 && sh == 2 && sw == 2) {  // max_pool_bwd_k3s2: bitwise equal
+      std::vector<S> gx2(nin, S(-7));
+      const uint32_t G = uint32_t((W + 3) / 4);
+      for (uint32_t row = 0; row < uint32_t(N * C * H); ++row)
+        for (uint32_t j = 0; j < G; ++j)
+          pool_bwd_k3s2_group<S, false>(f, row, j, gy.data(), off.data(), gx2.data());
+      if (W % 4 == 0) {
+        std::vector<S> gx3(nin + 8, S(-7));
+        for (uint32_t row = 0; row < uint32_t(N * C * H); ++row)
+          for (uint32_t j = 0; j < G; ++j)
+            pool_bwd_k3s2_group<S, true>(f, row, j, gy.data(), off.data(), gx3.data());
+        for (int64_t t = 0; t < nin; ++t)
+          if (std::memcmp(&gx3[t], &gx2[t], sizeof(S)) != 0 && bad++ < 5)
+            std::printf("FAIL pool bwd k3s2 vector store elem %ld\n", long(t));
+      }
+      for (int64_t t = 0; t < nin; ++t)
+        if (std::memcmp(&gx2[t], &gx[t], sizeof(S)) != 0 && bad++ < 5)
+          std::printf("FAIL pool bwd k3s2 pass %d elem %ld: %g vs %g\n", pass, long(t),
+                      double(gx2[t]), double(gx[t]));
+    }
     for (int64_t t = 0; t < nin; ++t)
       if (!(gx[t] == ref[t])) {
         if (bad++ < 5) std::printf("FAIL pool bwd pass %d elem %ld: %g vs %g\n", pass, long(t),
@@ -455,6 +476,81 @@ static int check_bn(int64_t N, int64_t C, int64_t Sp, bool cl) {
   return bad ? 1 : 0;
 }
 
+// Batch norm, channels-last kernels: emulates the blocks of bn_stats_partial_nhwc /
+// bn_bwd_partial_nhwc (per-thread functions, merge of rows ty = 0, 1, ... in order)
+// and the row walk of the elementwise passes (every element exactly once).
+template <typename S, int L>
+static int check_bn_nhwc(int64_t N, int64_t C, int64_t Sp, double shift) {
+  using Acc = typename Num<S>::Acc;
+  BNDesc d;
+  d.N = N; d.C = C; d.S = Sp; d.channels_last = true;
+  d.sN = C * Sp; d.sC = 1; d.sS = C;
+  int bad = 0;
+  if (!bn_nhwc_ok(d) || C % L != 0) { std::printf("FAIL bn nhwc not eligible\n"); return 1; }
+  const BNRows g = bn_rows(d, L);
+  const int64_t total = N * C * Sp, R = N * Sp;
+  std::vector<S> x(total + 16), gy(total + 16);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (auto& v : x) v = S(shift + 0.5 * nd(rng));
+  for (auto& v : gy) v = S(nd(rng));
+  std::vector<double> n(C, 0), mean(C, 0), m2(C, 0), sdy(C, 0), sdyx(C, 0);
+  std::vector<int> seen(total, 0);
+  const Acc mu0 = Acc(shift);
+  for (uint32_t ch = 0; ch < g.chunks; ++ch)
+    for (uint32_t sp = 0; sp < g.splits; ++sp) {
+      std::vector<Acc> bn(g.cols * L, 0), bm(g.cols * L, 0), bm2(g.cols * L, 0),
+          bs(g.cols * L, 0), bsx(g.cols * L, 0);
+      for (uint32_t tid = 0; tid < 256; ++tid) {
+        uint32_t cu, r, r1;
+        if (!bn_rows_thread(g, sp, ch, tid, cu, r, r1)) continue;
+        Acc tn[L], tm[L], tm2[L], mu[L], a[L], b[L];
+        for (int l = 0; l < L; ++l) { tn[l] = tm[l] = tm2[l] = a[l] = b[l] = 0; mu[l] = mu0; }
+        bn_nhwc_stats_thread<S, L>(g, x.data(), cu, r, r1, tn, tm, tm2);
+        bn_nhwc_sums_thread<S, L>(g, gy.data(), x.data(), cu, r, r1, mu, a, b);
+        const uint32_t tx = tid % g.cols;
+        for (int l = 0; l < L; ++l) {
+          const uint32_t j = tx * L + l;
+          welford_merge(bn[j], bm[j], bm2[j], tn[l], tm[l], tm2[l]);
+          bs[j] += a[l]; bsx[j] += b[l];
+        }
+        for (uint32_t rr = r; rr < r1; rr += g.rpi)
+          for (int l = 0; l < L; ++l) seen[int64_t(rr) * C + cu * L + l]++;
+      }
+      for (uint32_t tx = 0; tx < g.cols; ++tx)
+        for (int l = 0; l < L; ++l) {
+          const int64_t c = int64_t(ch * g.cols + tx) * L + l;
+          if (c >= C) continue;
+          const uint32_t j = tx * L + l;
+          welford_merge<double>(n[c], mean[c], m2[c], bn[j], bm[j], bm2[j]);
+          sdy[c] += bs[j]; sdyx[c] += bsx[j];
+        }
+    }
+  int cover_bad = 0;
+  for (int64_t t = 0; t < total; ++t) cover_bad += seen[t] != 1;
+  if (cover_bad) { std::printf("FAIL bn nhwc coverage: %d elements\n", cover_bad); bad++; }
+  const double tol = sizeof(S) == 8 ? 1e-10 : 2e-4;
+  for (int64_t c = 0; c < C; ++c) {
+    double rs = 0, rss = 0, rdy = 0, rdyx = 0;
+    for (int64_t r = 0; r < R; ++r) rs += double(x[r * C + c]);
+    const double rmean = rs / double(R);
+    for (int64_t r = 0; r < R; ++r) {
+      const double e = double(x[r * C + c]) - rmean, gv = double(gy[r * C + c]);
+      rss += e * e; rdy += gv; rdyx += gv * (double(x[r * C + c]) - double(mu0));
+    }
+    if (n[c] != double(R) || std::fabs(mean[c] - rmean) > tol * (1 + std::fabs(rmean)) ||
+        std::fabs(m2[c] - rss) > tol * rss || std::fabs(sdy[c] - rdy) > tol * R ||
+        std::fabs(sdyx[c] - rdyx) > tol * R * 4) {
+      if (bad++ < 5) std::printf("FAIL bn nhwc c%ld: n %g/%ld mean %.9g/%.9g var %g/%g sdy %g/%g "
+                                 "sdyx %g/%g\n", long(c), n[c], long(R), mean[c], rmean,
+                                 m2[c] / R, rss / R, sdy[c], rdy, sdyx[c], rdyx);
+    }
+  }
+  std::printf("%s bn nhwc %s L%d N%ld C%ld S%ld shift %g: splits %u chunks %u cols %u rpi %u\n",
+              bad ? "FAIL" : "ok  ", sizeof(S) == 8 ? "f64" : "f32", L, long(N), long(C),
+              long(Sp), shift, g.splits, g.chunks, g.cols, g.rpi);
+  return bad ? 1 : 0;
+}
+
 int main() {
   int bad = 0;
   bad += check_fastdiv();
@@ -469,6 +565,11 @@ int main() {
     bad += check_pool<float>(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, false, cl);
     bad += check_pool<float>(1, 3, 6, 5, 4, 4, 1, 2, 2, 2, true, cl);
     bad += check_pool<double>(2, 2, 19, 6, 7, 1, 5, 1, 3, 0, true, cl);
+    bad += check_pool<float>(1, 2, 12, 16, 3, 3, 2, 2, 0, 0, false, cl);   // k3s2 without padding
+    bad += check_pool<float>(1, 2, 12, 16, 3, 3, 2, 2, 0, 0, true, cl);
+    bad += check_pool<float>(2, 2, 9, 8, 3, 3, 2, 2, 1, 1, true, cl);     // W % 4 == 0: 16-byte stores
+    bad += check_pool<double>(1, 3, 14, 20, 3, 3, 2, 2, 1, 1, false, cl);
+    bad += check_pool<float>(1, 2, 3, 2, 3, 3, 2, 2, 1, 1, true, cl);     // tiny: one window
   }
   bad += check_bn<float>(3, 5, 12, false);
   bad += check_bn<float>(4, 3, 4 * 37, false);
@@ -478,6 +579,16 @@ int main() {
   bad += check_bn<double>(3, 2, 4096 * 5 + 2, false);
   bad += check_bn<float>(3, 8, 7, true);
   bad += check_bn<double>(2, 6, 5, true);
+  bad += check_bn_nhwc<float, 1>(4, 3, 37, 100.0);
+  bad += check_bn_nhwc<float, 4>(4, 16, 33, 100.0);
+  bad += check_bn_nhwc<float, 4>(2, 64, 300, 1000.0);
+  bad += check_bn_nhwc<float, 4>(3, 100, 50, 100.0);      // 25 units: 10 rows per iteration
+  bad += check_bn_nhwc<float, 1>(3, 100, 50, 0.0);
+  bad += check_bn_nhwc<float, 4>(2, 1028, 9, 5.0);        // 257 units: two chunks
+  bad += check_bn_nhwc<float, 1>(1, 300, 7, 5.0);         // 300 units: two chunks, last partial
+  bad += check_bn_nhwc<double, 2>(2, 6, 41, 100.0);
+  bad += check_bn_nhwc<double, 1>(1, 5, 1000, 100.0);
+  bad += check_bn_nhwc<float, 4>(64, 16, 64, 100.0);      // many splits
   bad += check(2, 3, 9, 11, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, false, false);
   bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, false, false, false);
   bad += check(2, 4, 10, 7, 6, 3, 2, 2, 1, 1, 0, 1, 2, 2, true, false, true);

@@ -2,7 +2,7 @@
 and layouts that reach them (skipped without a GPU).
 
 MaxPool2d: the tiled NCHW kernels (a block stages a band of rows in shared
-memory), the channel-vector NHWC kernels (C % (16 / element size) == 0, 16-byte
+memory), the NCHW 3x3 stride-2 backward (a thread per 4 grad_input elements), the channel-vector NHWC kernels (C % (16 / element size) == 0, 16-byte
 aligned data) and the fallbacks next to them (misaligned base pointers, C not a
 multiple of the vector width, rows too wide for a band). Outputs and indices
 must equal torch's bit for bit; grad_input is compared with a float64 reference.
@@ -56,6 +56,8 @@ POOL = [
     ((1, 1, 4, 12000), (5, 5), (1, 1), (2, 2), False),   # one band does not fit: fallback
     ((2, 16, 15, 14), (3, 3), (2, 2), (1, 1), True),     # C = 16: NHWC vector path
     ((2, 24, 8, 9), (2, 3), (2, 1), (1, 1), False),
+    ((2, 4, 16, 20), (3, 3), (2, 2), (0, 0), False),     # 3x3 stride 2 unpadded, W % 4 == 0
+    ((1, 3, 7, 6), (3, 3), (2, 2), (1, 1), True),        # 3x3 stride 2, W % 4 != 0: scalar stores
 ]
 
 
@@ -110,7 +112,8 @@ def test_max_pool2d_offsets_tensor_misaligned():
 # ---- BatchNorm ---------------------------------------------------------------------
 # (32, 16, 24, 24) in tests/test_cuda.py and the shapes below reach the sm_90
 # cluster-fused training kernels (dense NCHW, >= 8 channels, S % 8 == 0); C < 8,
-# S % VEC != 0, channels_last and misaligned data take the split kernels.
+# S % VEC != 0 and misaligned NCHW data take the split kernels; channels_last
+# data take the NHWC row kernels (scalar units when misaligned or C % VEC != 0).
 
 BN = [
     ((8, 64, 28, 28), False),     # cluster path: 64 channels over >= 8 clusters
@@ -118,8 +121,14 @@ BN = [
                                   # with unequal or empty shares)
     ((2, 9, 1, 8), False),        # 9 channels, 4 vectors each (fp32): most ranks empty
     ((4, 32, 7, 7), False),       # S % VEC != 0: split kernels
-    ((4, 32, 8, 8), True),        # channels_last: split kernels
     ((2, 4, 16, 16), False),      # C < 8: split kernels
+    # channels_last: the NHWC row kernels (16-byte units when C % (16 / size) == 0)
+    ((4, 32, 8, 8), True),
+    ((4, 3, 10, 10), True),       # scalar units, 85 rows per block iteration
+    ((2, 16, 12, 12), True),
+    ((8, 64, 28, 28), True),      # many row splits
+    ((2, 100, 9, 9), True),       # fp32: 25 units per row (10 rows side by side); fp16: scalar
+    ((2, 1040, 3, 3), True),      # more than 256 units per row: two channel chunks (scalar/fp64)
 ]
 
 
@@ -186,3 +195,49 @@ def test_batch_norm_cluster_vs_split_kernels(monkeypatch):
                                                               [True, True, True])))
     for a, c in zip(*outs):
         close(a, c, torch.float32, "cluster vs split", tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [3, 16, 64, 100])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_batch_norm_channels_last(dtype, C, shift):
+    # NHWC row kernels, 16-byte units (shift 0, C % VEC == 0) or scalar units
+    # (misaligned base pointer); large mean; train, eval and backward vs float64;
+    # bitwise repeatable.
+    shape = (6, C, 13, 11)
+    x = make(shape, dtype, True, shift)
+    x.copy_(make(shape, dtype, True).float() * 0.5 + 1000.0)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    gy = make(shape, dtype, True, shift)
+    w, b, rm, rv = bn_params(C, dtype)
+    rm_r, rv_r = rm.double().clone(), rv.double().clone()
+    y, mean, invstd = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    xd = x.double().requires_grad_(True)
+    wd, bd = w.double().requires_grad_(True), b.double().requires_grad_(True)
+    ref = F.batch_norm(xd, rm_r, rv_r, wd, bd, True, 0.1, 1e-5)
+    close(y, ref, dtype, "out", tol=TOL[dtype] * 5)
+    ptol = 1e-9 if dtype == torch.float64 else 1e-5
+    close(rm, rm_r, torch.float64, "running_mean", tol=ptol)
+    close(rv, rv_r, torch.float64, "running_var", tol=1e-9 if dtype == torch.float64 else 1e-4)
+    close(mean, xd.detach().mean([0, 2, 3]), torch.float64, "save_mean", tol=ptol)
+    close(invstd, (xd.detach().var([0, 2, 3], unbiased=False) + 1e-5).rsqrt(), torch.float64,
+          "save_invstd", tol=1e-9 if dtype == torch.float64 else 1e-4)
+    gx, gw, gb = ops.batch_norm_backward(gy, x, w, mean, invstd, True, [True, True, True])
+    rgx, rgw, rgb = torch.autograd.grad(ref, [xd, wd, bd], gy.double())
+    close(gx, rgx, dtype, "grad_input", tol=TOL[dtype] * 10)
+    close(gw, rgw, dtype, "grad_weight", tol=TOL[dtype] * 10)
+    close(gb, rgb, dtype, "grad_bias", tol=TOL[dtype] * 10)
+    y2, mean2, invstd2 = ops.batch_norm_train(x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)
+    assert torch.equal(y, y2) and torch.equal(mean, mean2) and torch.equal(invstd, invstd2)
+    gx2, gw2, gb2 = ops.batch_norm_backward(gy, x, w, mean, invstd, True, [True, True, True])
+    assert torch.equal(gx, gx2) and torch.equal(gw, gw2) and torch.equal(gb, gb2)
+    # eval: affine map from the running statistics; backward through it
+    ye = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5)
+    refe = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False,
+                        0.1, 1e-5)
+    close(ye, refe, dtype, "eval out", tol=TOL[dtype] * 5)
+    gxe, _, _ = ops.batch_norm_backward(gy, x, w, rm, (rv + 1e-5).rsqrt(), False,
+                                        [True, False, False])
+    refge = gy.double() * (w.double() * (rv.double() + 1e-5).rsqrt()).view(1, C, 1, 1)
+    close(gxe, refge, dtype, "eval grad_input", tol=TOL[dtype] * 10)

@@ -12,6 +12,10 @@
 //            sum(dy * (x - mean)) the same way, then bn_bwd_apply computes
 //            dx = w*invstd * (dy - sum(dy)/M - (x - mean) * invstd^2 * sum(dy*(x-mean))/M)
 //            (training) or dx = w*invstd * dy (eval).
+// Channels-last data (< 2^31 elements) take the NHWC row kernels instead
+// (bn_stats_partial_nhwc, bn_bwd_partial_nhwc, bn_apply_nhwc, bn_bwd_apply_nhwc:
+// threads along the contiguous channels, see "Channels-last" below) with
+// warp-per-channel finalizes.
 // fp16/bf16 data use fp32 statistics; float64 data use float64. No atomics:
 // results are bitwise reproducible.
 // sm_90 training fast path (bn_train_fwd_cluster / bn_train_bwd_cluster): one
@@ -227,7 +231,33 @@ __global__ void bn_stats_partial(BNDesc d, const S* __restrict__ x, int64_t chun
   welford_block_store(n, mean, m2, part + (c * gridDim.y + sp) * 3);
 }
 
+// Per-channel tail of the statistics: saved/running statistics and
 // coef layout: [3][C] Acc: mean, scale = w * invstd, beta = b.
+template <typename Acc>
+__device__ __forceinline__ void bn_stats_epilogue(const BNDesc& d, DType pdt, int64_t c, double n,
+                                                  double mean, double m2, const void* weight,
+                                                  const void* bias, void* running_mean,
+                                                  void* running_var, double momentum, double eps,
+                                                  Acc* save_mean, Acc* save_invstd, Acc* coef) {
+  const double var = n > 0 ? m2 / n : NAN;
+  const double invstd = 1.0 / sqrt(var + eps);
+  save_mean[c] = Acc(mean);
+  save_invstd[c] = Acc(invstd);
+  if (running_mean) {
+    const double rm = load_any<double>(running_mean, pdt, c);
+    store_any<double>(running_mean, pdt, c, (1.0 - momentum) * rm + momentum * mean);
+  }
+  if (running_var) {
+    const double rv = load_any<double>(running_var, pdt, c);
+    const double unbiased = m2 / (n - 1.0);
+    store_any<double>(running_var, pdt, c, (1.0 - momentum) * rv + momentum * unbiased);
+  }
+  const Acc mw = weight ? load_any<Acc>(weight, pdt, c) : Acc(1);
+  coef[c] = Acc(mean);
+  coef[d.C + c] = mw * Acc(invstd);
+  coef[2 * d.C + c] = bias ? load_any<Acc>(bias, pdt, c) : Acc(0);
+}
+
 template <typename Acc>
 __global__ void bn_stats_finalize(BNDesc d, DType pdt, const Acc* __restrict__ part,
                                   int64_t splits, const void* weight, const void* bias,
@@ -240,23 +270,8 @@ __global__ void bn_stats_finalize(BNDesc d, DType pdt, const Acc* __restrict__ p
       const Acc* p = part + (c * splits + k) * 3;
       welford_merge<double>(n, mean, m2, double(p[0]), double(p[1]), double(p[2]));
     }
-    const double var = n > 0 ? m2 / n : NAN;
-    const double invstd = 1.0 / sqrt(var + eps);
-    save_mean[c] = Acc(mean);
-    save_invstd[c] = Acc(invstd);
-    if (running_mean) {
-      const double rm = load_any<double>(running_mean, pdt, c);
-      store_any<double>(running_mean, pdt, c, (1.0 - momentum) * rm + momentum * mean);
-    }
-    if (running_var) {
-      const double rv = load_any<double>(running_var, pdt, c);
-      const double unbiased = m2 / (n - 1.0);
-      store_any<double>(running_var, pdt, c, (1.0 - momentum) * rv + momentum * unbiased);
-    }
-    const Acc mw = weight ? load_any<Acc>(weight, pdt, c) : Acc(1);
-    coef[c] = Acc(mean);
-    coef[d.C + c] = mw * Acc(invstd);
-    coef[2 * d.C + c] = bias ? load_any<Acc>(bias, pdt, c) : Acc(0);
+    bn_stats_epilogue<Acc>(d, pdt, c, n, mean, m2, weight, bias, running_mean, running_var,
+                           momentum, eps, save_mean, save_invstd, coef);
   }
 }
 
@@ -337,7 +352,24 @@ __global__ void bn_bwd_partial_vec(BNPlanes pl, DType mdt, const S* __restrict__
   }
 }
 
+// Per-channel tail of the backward reductions: grad_weight/bias and
 // coef layout: [4][C] Acc: mean, a = w * invstd, k1, k2 (dx = a*(dy - k1 - (x-mean)*k2)).
+template <typename Acc>
+__device__ __forceinline__ void bn_bwd_epilogue(const BNDesc& d, DType pdt, DType mdt, int64_t c,
+                                                double sdy, double sdyx, const void* weight,
+                                                const void* mean, const void* invstd,
+                                                bool training, void* gw, void* gb, Acc* coef) {
+  const double is = load_any<double>(invstd, mdt, c);
+  if (gw) store_any<double>(gw, pdt, c, sdyx * is);
+  if (gb) store_any<double>(gb, pdt, c, sdy);
+  const double w = weight ? load_any<double>(weight, pdt, c) : 1.0;
+  const double M = double(d.N * d.S);
+  coef[c] = load_any<Acc>(mean, mdt, c);
+  coef[d.C + c] = Acc(w * is);
+  coef[2 * d.C + c] = training ? Acc(sdy / M) : Acc(0);
+  coef[3 * d.C + c] = training ? Acc(is * is * sdyx / M) : Acc(0);
+}
+
 template <typename Acc>
 __global__ void bn_bwd_finalize(BNDesc d, DType pdt, DType mdt, const Acc* __restrict__ part,
                                 int64_t splits, const void* weight, const void* mean,
@@ -351,15 +383,7 @@ __global__ void bn_bwd_finalize(BNDesc d, DType pdt, DType mdt, const Acc* __res
         sdy += double(part[(c * splits + k) * 2]);
         sdyx += double(part[(c * splits + k) * 2 + 1]);
       }
-    const double is = load_any<double>(invstd, mdt, c);
-    if (gw) store_any<double>(gw, pdt, c, sdyx * is);
-    if (gb) store_any<double>(gb, pdt, c, sdy);
-    const double w = weight ? load_any<double>(weight, pdt, c) : 1.0;
-    const double M = double(d.N * d.S);
-    coef[c] = load_any<Acc>(mean, mdt, c);
-    coef[d.C + c] = Acc(w * is);
-    coef[2 * d.C + c] = training ? Acc(sdy / M) : Acc(0);
-    coef[3 * d.C + c] = training ? Acc(is * is * sdyx / M) : Acc(0);
+    bn_bwd_epilogue<Acc>(d, pdt, mdt, c, sdy, sdyx, weight, mean, invstd, training, gw, gb, coef);
   }
 }
 
@@ -422,6 +446,323 @@ __global__ void bn_bwd_apply_vec(BNElems e, uint32_t vecs, const S* __restrict__
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// ---- Channels-last (NHWC) kernels ------------------------------------------------
+// Element (n, c, s) at (n*S + s)*C + c: R = N*S rows of C contiguous channels. A
+// row is cut into units of L channels (L = 16 / sizeof(S) when C % L == 0 and the
+// data are 16-byte aligned: one 16-byte load; else L = 1). Block (split, chunk):
+// `cols` threads per row take consecutive units of the chunk (chunk = up to 256
+// units), `rpi` rows side by side (cols * rpi <= 256), so a block reads one
+// contiguous range per iteration. Thread (tx, ty) walks rows r0 + ty, + rpi, ...
+// of its split's fixed row range [r0, r1) with U = 4 loads in flight, keeping per
+// channel lane a Welford state (statistics) or sums (backward) in registers; the
+// block merges rows ty = 0, 1, ... in that order (shared memory) and writes one
+// partial per channel: part[(c * splits + split) * K]. A warp per channel merges
+// the splits (lane k takes splits k, k + 32, ...; then a shuffle tree): fixed
+// order, deterministic. The elementwise passes use the same walk, with the
+// per-channel coefficients held in registers.
+struct BNRows {
+  uint32_t R, CU;                   // rows, units per row
+  uint32_t cols, rpi, chunks;       // threads per row, rows per iteration, unit chunks
+  uint32_t splits, rows_per_split;  // row ranges (grid.x)
+};
+template <typename S, int L> struct alignas(L * sizeof(S)) BNUnit { S v[L]; };
+constexpr int kBNRowsU = 4;
+
+// Split count: about 1024 blocks, each thread at least 4 rows, at most 2^19
+// partials (workspace); L: channels per unit.
+inline BNRows bn_rows(const BNDesc& d, int L) {
+  BNRows g;
+  g.R = uint32_t(d.N * d.S);
+  g.CU = uint32_t(d.C / L);
+  g.cols = g.CU < uint32_t(kBNThreads) ? g.CU : uint32_t(kBNThreads);
+  g.rpi = uint32_t(kBNThreads) / g.cols;
+  g.chunks = uint32_t(ceil_div(g.CU, g.cols));
+  int64_t sp = ceil_div(1024, g.chunks);
+  const int64_t by_rows = ceil_div(g.R, int64_t(kBNRowsU) * g.rpi);
+  const int64_t by_ws = (int64_t(1) << 19) / d.C;
+  if (sp > by_rows) sp = by_rows;
+  if (sp > by_ws) sp = by_ws;
+  if (sp < 1) sp = 1;
+  g.rows_per_split = uint32_t(ceil_div(g.R, sp));
+  g.splits = uint32_t(ceil_div(g.R, g.rows_per_split));
+  return g;
+}
+// Dense channels-last, fewer than 2^31 elements, chunk count within grid.y.
+inline bool bn_nhwc_ok(const BNDesc& d) {
+  return d.channels_last && d.N > 0 && d.S > 0 && d.C > 0 &&
+         d.N * d.C * d.S < (int64_t(1) << 31) && ceil_div(d.C, kBNThreads) <= 65535;
+}
+
+// Thread (tx, ty) of block (sp, ch): its unit cu, its rows [r0 + ty, r1) step rpi;
+// false when the thread has no unit.
+FL_HD __forceinline__ bool bn_rows_thread(const BNRows& g, uint32_t sp, uint32_t ch, uint32_t tid,
+                                          uint32_t& cu, uint32_t& r, uint32_t& r1) {
+  const uint32_t tx = tid % g.cols, ty = tid / g.cols;
+  cu = ch * g.cols + tx;
+  const uint32_t r0 = sp * g.rows_per_split;
+  r = r0 + ty;
+  r1 = r0 + g.rows_per_split < g.R ? r0 + g.rows_per_split : g.R;
+  return ty < g.rpi && cu < g.CU;
+}
+
+template <typename S, int L>
+FL_HD __forceinline__ void bn_nhwc_stats_thread(const BNRows& g, const S* __restrict__ x,
+                                                uint32_t cu, uint32_t r, uint32_t r1,
+                                                typename Num<S>::Acc (&n)[L],
+                                                typename Num<S>::Acc (&mean)[L],
+                                                typename Num<S>::Acc (&m2)[L]) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int U = kBNRowsU;
+  const BNUnit<S, L>* xu = reinterpret_cast<const BNUnit<S, L>*>(x);
+  for (; r < r1; r += U * g.rpi) {
+    BNUnit<S, L> pk[U];
+    int nb = 0;
+FL_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (r + u * g.rpi < r1) { pk[u] = xu[(r + u * g.rpi) * g.CU + cu]; nb = u + 1; }
+FL_UNROLL
+    for (int l = 0; l < L; ++l) {
+      Acc sum = Acc(0);
+FL_UNROLL
+      for (int u = 0; u < U; ++u)
+        if (u < nb) sum += Num<S>::to_acc(pk[u].v[l]);
+      const Acc cnt = Acc(nb), mb = sum / cnt;
+      Acc m2b = Acc(0);
+FL_UNROLL
+      for (int u = 0; u < U; ++u)
+        if (u < nb) {
+          const Acc e = Num<S>::to_acc(pk[u].v[l]) - mb;
+          m2b += e * e;
+        }
+      welford_merge(n[l], mean[l], m2[l], cnt, mb, m2b);
+    }
+  }
+}
+
+template <typename S, int L>
+FL_HD __forceinline__ void bn_nhwc_sums_thread(const BNRows& g, const S* __restrict__ gy,
+                                               const S* __restrict__ x, uint32_t cu, uint32_t r,
+                                               uint32_t r1, const typename Num<S>::Acc (&mu)[L],
+                                               typename Num<S>::Acc (&sdy)[L],
+                                               typename Num<S>::Acc (&sdyx)[L]) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int U = kBNRowsU / 2;  // two units of each tensor per round
+  const BNUnit<S, L>* gu = reinterpret_cast<const BNUnit<S, L>*>(gy);
+  const BNUnit<S, L>* xu = reinterpret_cast<const BNUnit<S, L>*>(x);
+  for (; r < r1; r += U * g.rpi) {
+    BNUnit<S, L> gv[U], xv[U];
+FL_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (r + u * g.rpi < r1) {
+        const uint32_t o = (r + u * g.rpi) * g.CU + cu;
+        gv[u] = gu[o];
+        xv[u] = xu[o];
+      }
+FL_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (r + u * g.rpi < r1)
+FL_UNROLL
+        for (int l = 0; l < L; ++l) {
+          const Acc gi = Num<S>::to_acc(gv[u].v[l]);
+          sdy[l] += gi;
+          sdyx[l] += gi * (Num<S>::to_acc(xv[u].v[l]) - mu[l]);
+        }
+  }
+}
+
+template <typename S, int L>
+__global__ void __launch_bounds__(kBNThreads)
+    bn_stats_partial_nhwc(BNRows g, const S* __restrict__ x, typename Num<S>::Acc* __restrict__ part) {
+  using Acc = typename Num<S>::Acc;
+  __shared__ Acc sh[3][kBNThreads * L];
+  uint32_t cu, r, r1;
+  const uint32_t tid = threadIdx.x;
+  const bool active = bn_rows_thread(g, blockIdx.x, blockIdx.y, tid, cu, r, r1);
+  Acc n[L], mean[L], m2[L];
+#pragma unroll
+  for (int l = 0; l < L; ++l) n[l] = mean[l] = m2[l] = Acc(0);
+  if (active) bn_nhwc_stats_thread<S, L>(g, x, cu, r, r1, n, mean, m2);
+  if (active && tid >= g.cols)
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+      sh[0][tid * L + l] = n[l]; sh[1][tid * L + l] = mean[l]; sh[2][tid * L + l] = m2[l];
+    }
+  __syncthreads();
+  if (!active || tid >= g.cols) return;
+  for (uint32_t k = 1; k < g.rpi; ++k) {
+    const uint32_t j = (k * g.cols + tid) * L;
+#pragma unroll
+    for (int l = 0; l < L; ++l)
+      welford_merge(n[l], mean[l], m2[l], sh[0][j + l], sh[1][j + l], sh[2][j + l]);
+  }
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    Acc* o = part + (int64_t(cu * L + l) * g.splits + blockIdx.x) * 3;
+    o[0] = n[l]; o[1] = mean[l]; o[2] = m2[l];
+  }
+}
+
+template <typename S, int L>
+__global__ void __launch_bounds__(kBNThreads)
+    bn_bwd_partial_nhwc(BNRows g, DType mdt, const S* __restrict__ gy, const S* __restrict__ x,
+                        const void* mean, typename Num<S>::Acc* __restrict__ part) {
+  using Acc = typename Num<S>::Acc;
+  __shared__ Acc sh[2][kBNThreads * L];
+  uint32_t cu, r, r1;
+  const uint32_t tid = threadIdx.x;
+  const bool active = bn_rows_thread(g, blockIdx.x, blockIdx.y, tid, cu, r, r1);
+  Acc mu[L], sdy[L], sdyx[L];
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    mu[l] = active ? load_any<Acc>(mean, mdt, int64_t(cu) * L + l) : Acc(0);
+    sdy[l] = sdyx[l] = Acc(0);
+  }
+  if (active) bn_nhwc_sums_thread<S, L>(g, gy, x, cu, r, r1, mu, sdy, sdyx);
+  if (active && tid >= g.cols)
+#pragma unroll
+    for (int l = 0; l < L; ++l) { sh[0][tid * L + l] = sdy[l]; sh[1][tid * L + l] = sdyx[l]; }
+  __syncthreads();
+  if (!active || tid >= g.cols) return;
+  for (uint32_t k = 1; k < g.rpi; ++k) {
+    const uint32_t j = (k * g.cols + tid) * L;
+#pragma unroll
+    for (int l = 0; l < L; ++l) { sdy[l] += sh[0][j + l]; sdyx[l] += sh[1][j + l]; }
+  }
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    Acc* o = part + (int64_t(cu * L + l) * g.splits + blockIdx.x) * 2;
+    o[0] = sdy[l]; o[1] = sdyx[l];
+  }
+}
+
+// y = (x - mean) * scale + b; coef [3][C].
+template <typename S, int L>
+__global__ void __launch_bounds__(kBNThreads)
+    bn_apply_nhwc(BNRows g, const S* __restrict__ x, const typename Num<S>::Acc* __restrict__ coef,
+                  S* __restrict__ y) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int U = kBNRowsU;
+  uint32_t cu, r, r1;
+  if (!bn_rows_thread(g, blockIdx.x, blockIdx.y, threadIdx.x, cu, r, r1)) return;
+  const uint32_t C = g.CU * L;
+  Acc mu[L], sc[L], be[L];
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    const uint32_t c = cu * L + l;
+    mu[l] = coef[c]; sc[l] = coef[C + c]; be[l] = coef[2 * C + c];
+  }
+  const BNUnit<S, L>* xu = reinterpret_cast<const BNUnit<S, L>*>(x);
+  BNUnit<S, L>* yu = reinterpret_cast<BNUnit<S, L>*>(y);
+  for (; r < r1; r += U * g.rpi) {
+    BNUnit<S, L> pk[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (r + u * g.rpi < r1) pk[u] = xu[(r + u * g.rpi) * g.CU + cu];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (r + u * g.rpi < r1) {
+        BNUnit<S, L> out;
+#pragma unroll
+        for (int l = 0; l < L; ++l)
+          out.v[l] = Num<S>::from_acc((Num<S>::to_acc(pk[u].v[l]) - mu[l]) * sc[l] + be[l]);
+        yu[(r + u * g.rpi) * g.CU + cu] = out;
+      }
+  }
+}
+
+// dx = a * (dy - k1 - (x - mean) * k2); coef [4][C].
+template <typename S, int L>
+__global__ void __launch_bounds__(kBNThreads)
+    bn_bwd_apply_nhwc(BNRows g, const S* __restrict__ gy, const S* __restrict__ x,
+                      const typename Num<S>::Acc* __restrict__ coef, S* __restrict__ gx) {
+  using Acc = typename Num<S>::Acc;
+  constexpr int U = kBNRowsU / 2;
+  uint32_t cu, r, r1;
+  if (!bn_rows_thread(g, blockIdx.x, blockIdx.y, threadIdx.x, cu, r, r1)) return;
+  const uint32_t C = g.CU * L;
+  Acc mu[L], a[L], k1[L], k2[L];
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    const uint32_t c = cu * L + l;
+    mu[l] = coef[c]; a[l] = coef[C + c]; k1[l] = coef[2 * C + c]; k2[l] = coef[3 * C + c];
+  }
+  const BNUnit<S, L>* gu = reinterpret_cast<const BNUnit<S, L>*>(gy);
+  const BNUnit<S, L>* xu = reinterpret_cast<const BNUnit<S, L>*>(x);
+  BNUnit<S, L>* ou = reinterpret_cast<BNUnit<S, L>*>(gx);
+  for (; r < r1; r += U * g.rpi) {
+    BNUnit<S, L> gv[U], xv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (r + u * g.rpi < r1) {
+        const uint32_t o = (r + u * g.rpi) * g.CU + cu;
+        gv[u] = gu[o];
+        xv[u] = xu[o];
+      }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (r + u * g.rpi < r1) {
+        BNUnit<S, L> out;
+#pragma unroll
+        for (int l = 0; l < L; ++l) {
+          const Acc xm = Num<S>::to_acc(xv[u].v[l]) - mu[l];
+          out.v[l] = Num<S>::from_acc(a[l] * (Num<S>::to_acc(gv[u].v[l]) - k1[l] - xm * k2[l]));
+        }
+        ou[(r + u * g.rpi) * g.CU + cu] = out;
+      }
+  }
+}
+
+// Warp-per-channel finalizes of the [C][splits] partials (blockDim.x a multiple of 32).
+template <typename Acc>
+__global__ void bn_stats_finalize_warp(BNDesc d, DType pdt, const Acc* __restrict__ part,
+                                       int64_t splits, const void* weight, const void* bias,
+                                       void* running_mean, void* running_var, double momentum,
+                                       double eps, Acc* save_mean, Acc* save_invstd, Acc* coef) {
+  const int64_t nw = int64_t(gridDim.x) * blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; c < d.C; c += nw) {
+    double n = 0, mean = 0, m2 = 0;
+    for (int64_t k = lane; k < splits; k += 32) {
+      const Acc* p = part + (c * splits + k) * 3;
+      welford_merge<double>(n, mean, m2, double(p[0]), double(p[1]), double(p[2]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const double nb = __shfl_down_sync(0xffffffffu, n, o);
+      const double mb = __shfl_down_sync(0xffffffffu, mean, o);
+      const double m2b = __shfl_down_sync(0xffffffffu, m2, o);
+      welford_merge<double>(n, mean, m2, nb, mb, m2b);
+    }
+    if (lane == 0)
+      bn_stats_epilogue<Acc>(d, pdt, c, n, mean, m2, weight, bias, running_mean, running_var,
+                             momentum, eps, save_mean, save_invstd, coef);
+  }
+}
+
+template <typename Acc>
+__global__ void bn_bwd_finalize_warp(BNDesc d, DType pdt, DType mdt, const Acc* __restrict__ part,
+                                     int64_t splits, const void* weight, const void* mean,
+                                     const void* invstd, bool training, bool have_sums, void* gw,
+                                     void* gb, Acc* coef) {
+  const int64_t nw = int64_t(gridDim.x) * blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; c < d.C; c += nw) {
+    double sdy = 0, sdyx = 0;
+    if (have_sums)
+      for (int64_t k = lane; k < splits; k += 32) {
+        sdy += double(part[(c * splits + k) * 2]);
+        sdyx += double(part[(c * splits + k) * 2 + 1]);
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      sdy += __shfl_down_sync(0xffffffffu, sdy, o);
+      sdyx += __shfl_down_sync(0xffffffffu, sdyx, o);
+    }
+    if (lane == 0)
+      bn_bwd_epilogue<Acc>(d, pdt, mdt, c, sdy, sdyx, weight, mean, invstd, training, gw, gb, coef);
+  }
+}
 
 // ---- Cluster-fused training paths (sm_90; dense NC*, see bn_cluster_grid) --------
 // One thread-block cluster of kCl blocks owns one channel at a time (channels
@@ -780,11 +1121,36 @@ BNElems bn_elems(const BNDesc& d) {
   return e;
 }
 
+// Acc elements of the partials (the per-channel coefficients follow them): the
+// larger of the NC* split kernels' and, for channels-last data, the NHWC kernels'
+// (either unit width).
+int64_t bn_part_elems(const BNDesc& d, DType dt) {
+  int64_t e = d.C * bn_splits(d) * 3;
+  if (bn_nhwc_ok(d)) {
+    const int V = dt == DType::F64 ? 2 : dt == DType::F32 ? 4 : 8;
+    for (int L : {1, V})
+      if (d.C % L == 0) {
+        const int64_t en = d.C * int64_t(bn_rows(d, L).splits) * 3;
+        if (en > e) e = en;
+      }
+  }
+  return e;
+}
+
+// Calls f(std::integral_constant<int, L>) with the NHWC unit width: 16 bytes when
+// C allows it and every pointer is 16-byte aligned, else one element.
+template <typename S, class F>
+int bn_nhwc_dispatch(const BNDesc& d, bool aligned, F&& f) {
+  constexpr int V = bn_vec<S>();
+  if (aligned && d.C % V == 0) return f(std::integral_constant<int, V>{});
+  return f(std::integral_constant<int, 1>{});
+}
+
 }  // namespace
 
 int64_t batch_norm_workspace_bytes(const BNDesc& d, DType dt) {
   const int64_t acc = dt == DType::F64 ? 8 : 4;
-  return (d.C * bn_splits(d) * 3 + 4 * d.C) * acc;
+  return (bn_part_elems(d, dt) + 4 * d.C) * acc;
 }
 
 int batch_norm_train(const BNDesc& d, DType dt, DType pdt, const void* x, const void* weight,
@@ -798,7 +1164,23 @@ int batch_norm_train(const BNDesc& d, DType dt, DType pdt, const void* x, const 
     using Acc = typename Num<S>::Acc;
     const int64_t splits = bn_splits(d), chunk = ceil_div(d.N * d.S, splits);
     Acc* part = static_cast<Acc*>(workspace);
-    Acc* coef = part + d.C * splits * 3;
+    Acc* coef = part + bn_part_elems(d, dt);
+    if (bn_nhwc_ok(d))
+      return bn_nhwc_dispatch<S>(d, aligned16(x) && aligned16(y), [&](auto lt) {
+        constexpr int L = decltype(lt)::value;
+        const BNRows g = bn_rows(d, L);
+        bn_stats_partial_nhwc<S, L><<<dim3(g.splits, g.chunks), kBNThreads, 0, stream>>>(
+            g, static_cast<const S*>(x), part);
+        int err = last_error();
+        if (err) return err;
+        bn_stats_finalize_warp<Acc><<<grid_for(d.C * 32, 256), 256, 0, stream>>>(
+            d, pdt, part, g.splits, weight, bias, running_mean, running_var, momentum, eps,
+            static_cast<Acc*>(save_mean), static_cast<Acc*>(save_invstd), coef);
+        if ((err = last_error())) return err;
+        bn_apply_nhwc<S, L><<<dim3(g.splits, g.chunks), kBNThreads, 0, stream>>>(
+            g, static_cast<const S*>(x), coef, static_cast<S*>(y));
+        return last_error();
+      });
     if (bn_planes_ok<S>(d) && d.N * d.C * d.S < (int64_t(1) << 31) && aligned16(x) &&
         aligned16(y)) {
       static BNClusterInfo cache[64];
@@ -853,6 +1235,14 @@ int batch_norm_eval(const BNDesc& d, DType dt, DType pdt, const void* x, const v
                                                               running_var, eps, coef);
     int err = last_error();
     if (err) return err;
+    if (bn_nhwc_ok(d))
+      return bn_nhwc_dispatch<S>(d, aligned16(x) && aligned16(y), [&](auto lt) {
+        constexpr int L = decltype(lt)::value;
+        const BNRows g = bn_rows(d, L);
+        bn_apply_nhwc<S, L><<<dim3(g.splits, g.chunks), kBNThreads, 0, stream>>>(
+            g, static_cast<const S*>(x), coef, static_cast<S*>(y));
+        return last_error();
+      });
     const int64_t total = d.N * d.C * d.S;
     if (total > 0 && bn_elems_ok<S>(d) && aligned16(x) && aligned16(y)) {
       const uint32_t vecs = uint32_t(total / bn_vec<S>());
@@ -876,9 +1266,27 @@ int batch_norm_backward(const BNDesc& d, DType dt, DType pdt, DType mdt, const v
     using Acc = typename Num<S>::Acc;
     const int64_t splits = bn_splits(d), chunk = ceil_div(d.N * d.S, splits);
     Acc* part = static_cast<Acc*>(workspace);
-    Acc* coef = part + d.C * splits * 3;
+    Acc* coef = part + bn_part_elems(d, dt);
     const bool need_sums = gw != nullptr || gb != nullptr || (gx != nullptr && training);
     int err = 0;
+    if (bn_nhwc_ok(d))
+      return bn_nhwc_dispatch<S>(d, aligned16(gy) && aligned16(x) && aligned16(gx), [&](auto lt) {
+        constexpr int L = decltype(lt)::value;
+        const BNRows g = bn_rows(d, L);
+        int e = 0;
+        if (need_sums) {
+          bn_bwd_partial_nhwc<S, L><<<dim3(g.splits, g.chunks), kBNThreads, 0, stream>>>(
+              g, mdt, static_cast<const S*>(gy), static_cast<const S*>(x), mean, part);
+          if ((e = last_error())) return e;
+        }
+        bn_bwd_finalize_warp<Acc><<<grid_for(d.C * 32, 256), 256, 0, stream>>>(
+            d, pdt, mdt, part, g.splits, weight, mean, invstd, training, need_sums, gw, gb, coef);
+        if ((e = last_error())) return e;
+        if (gx != nullptr)
+          bn_bwd_apply_nhwc<S, L><<<dim3(g.splits, g.chunks), kBNThreads, 0, stream>>>(
+              g, static_cast<const S*>(gy), static_cast<const S*>(x), coef, static_cast<S*>(gx));
+        return last_error();
+      });
     if (training && gx != nullptr && bn_planes_ok<S>(d) && d.N * d.C * d.S < (int64_t(1) << 31) &&
         aligned16(gy) && aligned16(x) && aligned16(gx)) {
       static BNClusterInfo cache[64];

@@ -6,6 +6,8 @@
 //  backward: one thread per INPUT element gathers grad_output from every window
 //            that covers it and chose it (its stored offset points back at this
 //            element). Fixed summation order, no atomics: deterministic.
+//            Dense NCHW 3x3 stride-2 windows: max_pool_bwd_k3s2 (4 elements per
+//            thread, no staging); other dense NCHW windows: the band kernel.
 //  indices : offsets -> torch's flat int64 indices h * W + w.
 #include <cmath>
 
@@ -15,6 +17,7 @@ namespace fastlayers::cuda {
 namespace {
 
 constexpr int kPoolThreads = 256;
+template <typename S> struct alignas(4 * sizeof(S)) PoolVec4 { S v[4]; };
 
 
 // ---- Fast paths: dense NCHW or dense NHWC tensors, dilation 1, uint8 offsets, --
@@ -140,6 +143,89 @@ __global__ void max_pool_bwd_fast(PoolFast f, int64_t total, const S* __restrict
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x)
     pool_bwd_fast_elem<S, CL>(f, uint32_t(t), gy, off, gx);
+}
+
+// ---- NCHW backward for 3x3 windows with stride 2 (the ResNet stem pool) --------
+// One thread per group of 4 adjacent grad_input elements of a row (j-th group:
+// columns 4j .. 4j+3). They are covered by at most 2 window rows p and 3 window
+// columns q; the thread loads those grad_output / offset values straight from
+// global memory (small, L1/L2-resident, shared with the neighbours), then sums
+// per element in the order of pool_bwd_fast_elem (p descending, q descending, same
+// match test): bitwise the same results. 16-byte store when VS (W % 4 == 0 and an
+// aligned gx), else one store per element. No shared memory, no barriers.
+template <typename S, bool VS>
+FL_HD __forceinline__ void pool_bwd_k3s2_group(const PoolFast& f, uint32_t row, uint32_t j,
+                                               const S* __restrict__ gy,
+                                               const uint8_t* __restrict__ off,
+                                               S* __restrict__ gx) {
+  using Acc = typename Num<S>::Acc;
+  const uint32_t plane = f.dH.div(row);
+  const int h = int(row - plane * uint32_t(f.H));
+  const int hp = h + f.ph;
+  const int pend = min(hp / 2 + 1, f.P), pstart = hp < 3 ? 0 : (hp - 3) / 2 + 1;
+  const int w0 = int(j) * 4, wp0 = w0 + f.pw;
+  const int qs = wp0 < 3 ? 0 : (wp0 - 3) / 2 + 1;  // first window column of the group
+  const uint32_t ob = plane * uint32_t(f.P) * uint32_t(f.Q);
+  // Window rows pend-1 (slot 0) and pend-2 (slot 1) when >= pstart; columns qs + k.
+  Acc g[2][3];
+  int o[2][3];
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const int p = pend - 1 - a;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int q = qs + k;
+      const bool ok = p >= pstart && q < f.Q;
+      const uint32_t i = ob + uint32_t(p) * uint32_t(f.Q) + uint32_t(q);
+      o[a][k] = ok ? int(off[i]) : -1;
+      g[a][k] = ok ? Num<S>::to_acc(gy[i]) : Acc(0);
+    }
+  }
+  S out[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int wp = wp0 + e;
+    const int qend = min(wp / 2 + 1, f.Q), qstart = wp < 3 ? 0 : (wp - 3) / 2 + 1;
+    Acc sum = Acc(0);
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+      const int p = pend - 1 - a;
+      if (p < pstart) break;
+      const int kr = (hp - 2 * p) * 3 + wp;
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int q = qend - 1 - b;
+        if (q < qstart) break;
+        const int k = q - qs;  // 0..2; selects, not a dynamic index (keeps g, o in registers)
+        const int ok = k == 0 ? o[a][0] : k == 1 ? o[a][1] : o[a][2];
+        const Acc gk = k == 0 ? g[a][0] : k == 1 ? g[a][1] : g[a][2];
+        if (ok == kr - 2 * q) sum += gk;
+      }
+    }
+    out[e] = Num<S>::from_acc(sum);
+  }
+  const uint32_t xb = row * uint32_t(f.W) + uint32_t(w0);
+  if (VS) {
+    PoolVec4<S> v;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v.v[e] = out[e];
+    *reinterpret_cast<PoolVec4<S>*>(gx + xb) = v;
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (w0 + e < f.W) gx[xb + e] = out[e];
+  }
+}
+
+template <typename S, bool VS>
+__global__ void __launch_bounds__(kPoolThreads)
+    max_pool_bwd_k3s2(PoolFast f, FastDiv dG, uint32_t groups, const S* __restrict__ gy,
+                      const uint8_t* __restrict__ off, S* __restrict__ gx) {
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < groups;
+       t += gridDim.x * blockDim.x) {
+    const uint32_t row = dG.div(t);
+    pool_bwd_k3s2_group<S, VS>(f, row, t - row * dG.d, gy, off, gx);
+  }
 }
 
 // ---- Tiled NCHW kernels (fast layout 1). A block owns a band of rows of one
@@ -579,7 +665,15 @@ int max_pool2d_backward(const PoolDesc& d, DType dt, const void* gy, const void*
       const PoolFast f = make_pool_fast(d);
       constexpr int V = 16 / sizeof(S);
       const PoolTilePlan tp = fast == 1 ? plan_bwd_tiled(d, sizeof(S)) : PoolTilePlan{};
-      if (tp.rows > 0) {
+      if (fast == 1 && d.kh == 3 && d.kw == 3 && d.sh == 2 && d.sw == 2) {
+        const uint32_t G = uint32_t(ceil_div(d.W, 4));
+        const uint32_t groups = uint32_t(d.N * d.C * d.H) * G;
+        auto kern = d.W % 4 == 0 && aligned_to(gx, 4 * sizeof(S)) ? max_pool_bwd_k3s2<S, true>
+                                                                  : max_pool_bwd_k3s2<S, false>;
+        kern<<<grid_for(groups, kPoolThreads), kPoolThreads, 0, stream>>>(
+            f, FastDiv(G), groups, static_cast<const S*>(gy),
+            static_cast<const uint8_t*>(offsets), static_cast<S*>(gx));
+      } else if (tp.rows > 0) {
         const unsigned blocks = unsigned(d.N * d.C) * tp.tiles;
         max_pool_bwd_tiled<S><<<blocks, kTileThreads, tp.smem, stream>>>(
             f, tp.tiles, tp.rows, tp.off_smem, static_cast<const S*>(gy),
