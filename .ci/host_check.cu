@@ -541,6 +541,8 @@ static int check_bn_nhwc(int64_t N, int64_t C, int64_t Sp, double shift) {
 }
 
 int main() {
+  // The host replays cover the not-yet-GPU-run kernels too (common.cuh: new_paths_enabled).
+  setenv("FASTLAYERS_CUDA_NEW", "1", 1);
   int bad = 0;
   bad += check_fastdiv();
   for (int cl = 0; cl < 2; ++cl) {

@@ -6,7 +6,8 @@ sides. For the memory-bound ops (BatchNorm, MaxPool) L2 is flushed before
 every rep by writing a 256 MB buffer, and the rate is reported against a
 measured device-to-device copy bandwidth.
 
-Writes $OUT/gpu_bench.json (or ./gpu_bench.json) and prints a table.
+Writes $OUT/gpu_bench.json (or ./gpu_bench.json; GPU_BENCH_NAME renames it) and
+prints a table. FASTLAYERS_CUDA_NEW=1 switches on the kernels not yet run on a GPU.
 """
 import json
 import os
@@ -302,7 +303,7 @@ def main():
             rows.append({"case": getattr(c, "__name__", "case"), "error": f"{type(e).__name__}: {e}"})
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "copy_gbps": round(COPY_GBPS, 1), "rows": rows, "seconds": round(time.time() - T0, 1)}
-    path = os.path.join(os.environ.get("OUT") or ".", "gpu_bench.json")
+    path = os.path.join(os.environ.get("OUT") or ".", os.environ.get("GPU_BENCH_NAME", "gpu_bench.json"))
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print()

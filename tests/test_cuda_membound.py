@@ -61,6 +61,15 @@ POOL = [
 ]
 
 
+
+@pytest.fixture(autouse=True, params=["0", "1"], ids=["verified", "new"])
+def _new_cuda_paths(request, monkeypatch):
+    # FASTLAYERS_CUDA_NEW=1 switches on the kernels not yet run on a GPU (the
+    # channels_last BatchNorm row kernels, the 3x3/stride-2 MaxPool backward):
+    # every case runs with them off and on.
+    monkeypatch.setenv("FASTLAYERS_CUDA_NEW", request.param)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL)
 @pytest.mark.parametrize("cl", [False, True])

@@ -489,8 +489,9 @@ inline BNRows bn_rows(const BNDesc& d, int L) {
   return g;
 }
 // Dense channels-last, fewer than 2^31 elements, chunk count within grid.y.
+// Not yet run on a GPU: off unless FASTLAYERS_CUDA_NEW=1.
 inline bool bn_nhwc_ok(const BNDesc& d) {
-  return d.channels_last && d.N > 0 && d.S > 0 && d.C > 0 &&
+  return new_paths_enabled() && d.channels_last && d.N > 0 && d.S > 0 && d.C > 0 &&
          d.N * d.C * d.S < (int64_t(1) << 31) && ceil_div(d.C, kBNThreads) <= 65535;
 }
 

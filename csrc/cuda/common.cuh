@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "launchers.h"
 
@@ -81,6 +82,15 @@ inline unsigned grid_for(int64_t n, int block, int64_t cap = 65535LL * 16) {
 }
 
 inline int last_error() { return int(cudaGetLastError()); }
+
+// Kernels written but not yet run on a GPU stay off unless FASTLAYERS_CUDA_NEW=1
+// (read per call; benchmarks/gpu_check.sh runs the CUDA tests with it on and off):
+// the wgmma GEMM, the channels_last BatchNorm row kernels and the 3x3/stride-2
+// MaxPool backward. Once a GPU run has passed them they become the default.
+inline bool new_paths_enabled() {
+  const char* e = std::getenv("FASTLAYERS_CUDA_NEW");
+  return e != nullptr && e[0] == '1';
+}
 
 // Decomposes a linear index in memory order of a dense 4-D tensor into
 // (n, c, h, w): NCHW order, or NHWC order when channels_last.

@@ -39,6 +39,7 @@
 // driver loaded is the sm_90a one (probe kernel with static shared memory
 // only there) and otherwise declines (-1), as it does for any problem that
 // does not qualify: then gemm_tc / the SIMT kernels run.
+// Not yet run on a GPU: off unless FASTLAYERS_CUDA_NEW=1 (common.cuh).
 // Env: FASTLAYERS_NO_WGMMA=1 declines always (read per call);
 // FASTLAYERS_WGMMA_LOG=1 prints one stderr line per wgmma launch.
 #pragma once
@@ -347,7 +348,7 @@ inline bool image_ok(int device) {
 // Whether gemm_wgmma takes this problem: the same answer for the workspace
 // query and the launch. *ldA / *ldB: leading strides (0 for a single row).
 inline bool qualifies(const GemmDesc& d, int64_t* ldA, int64_t* ldB, tc::Device* dev, int* id) {
-  if (env_flag("FASTLAYERS_NO_WGMMA")) return false;
+  if (!new_paths_enabled() || env_flag("FASTLAYERS_NO_WGMMA")) return false;
   if (d.M <= 0 || d.N <= 0 || d.K <= 0) return false;
   if (d.csA != 1 || d.rsB != 1) return false;   // both K-contiguous
   *ldA = d.M == 1 ? 0 : d.rsA;
