@@ -38,3 +38,28 @@ def compare_modules(ours, ref, x, atol=1e-4, rtol=1e-4, steps=1, check_grads=Tru
     for (n, bo), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
         assert_close(bo, br, atol, rtol, f"buffer {n}")
     return yo, yr
+
+
+# ---- CUDA tests (tests/test_cuda*.py) -----------------------------------------------
+
+HALF_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def close_half(ours, ref, dtype, what=""):
+    """float16/bfloat16 result against a float64 reference: error relative to max |ref|."""
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    err = (ours.double() - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1e-3)
+    tol = HALF_TOL[dtype]
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.0e} * {scale:.3e}"
+
+
+def bn_params(C, dtype, device):
+    """weight, bias, running mean and var for a BatchNorm over C channels; float32
+    parameters for float16/bfloat16 inputs (as torch keeps them)."""
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = (torch.rand(C, device=device) + 0.5).to(pdt)
+    b = torch.randn(C, device=device).to(pdt)
+    rm = torch.randn(C, device=device).to(pdt)
+    rv = (torch.rand(C, device=device) + 0.5).to(pdt)
+    return w, b, rm, rv

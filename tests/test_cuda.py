@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import bn_params
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -189,13 +190,6 @@ BN_SHAPES = [((4, 3, 5, 6), False), ((4, 3, 5, 6), True), ((16, 8), False),
              ((2, 4, 3, 4, 5), False), ((32, 16, 24, 24), False)]
 
 
-def bn_params(C, dtype):
-    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    w = (torch.rand(C, device=DEV) + 0.5).to(pdt)
-    b = torch.randn(C, device=DEV).to(pdt)
-    rm = torch.randn(C, device=DEV).to(pdt)
-    rv = (torch.rand(C, device=DEV) + 0.5).to(pdt)
-    return w, b, rm, rv
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -203,7 +197,7 @@ def bn_params(C, dtype):
 def test_batch_norm_train(dtype, shape, cl):
     x = rand(*shape, dtype=dtype, cl=cl) * 2 + 3
     C = shape[1]
-    w, b, rm, rv = bn_params(C, dtype)
+    w, b, rm, rv = bn_params(C, dtype, DEV)
     rm_r, rv_r = rm.double().clone(), rv.double().clone()
     y, mean, invstd = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
     if cl:
@@ -231,7 +225,7 @@ def test_batch_norm_train(dtype, shape, cl):
 @pytest.mark.parametrize("shape,cl", BN_SHAPES[:4])
 def test_batch_norm_eval(dtype, shape, cl):
     x = rand(*shape, dtype=dtype, cl=cl)
-    w, b, rm, rv = bn_params(shape[1], dtype)
+    w, b, rm, rv = bn_params(shape[1], dtype, DEV)
     y = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5)
     gy = rand(*shape, dtype=dtype)
     fn = lambda x_, w_, b_: F.batch_norm(x_, rm.double(), rv.double(), w_, b_, False, 0.1, 1e-5)  # noqa: E731
@@ -404,7 +398,7 @@ def _opcheck_cases():
     xp = rand(2, 3, 9, 9)
     _, off = ops.max_pool2d_forward(xp, [3, 3], [2, 2], [1, 1], [1, 1], False)
     xb = rand(4, 3, 5, 5)
-    wb, bb, rm, rv = bn_params(3, torch.float32)
+    wb, bb, rm, rv = bn_params(3, torch.float32, DEV)
     _, mean, invstd = ops.batch_norm_train(xb, wb, bb, None, None, 0.1, 1e-5)
     return [
         ("linear_forward", (x, w, b)),

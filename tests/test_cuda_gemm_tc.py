@@ -10,6 +10,7 @@ References: float64 on the same rounded inputs; error relative to max |ref|.
 """
 import pytest
 import torch
+from helpers import close_half as close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -18,15 +19,9 @@ if torch.cuda.is_available():  # without a GPU every test is skipped; nothing to
 
 ops = torch.ops.fastlayers
 DEV = "cuda"
-TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def close(ours, ref, dtype, what=""):
-    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    err = (ours.double() - ref).abs().max().item()
-    scale = max(ref.abs().max().item(), 1e-3)
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3e} > {TOL[dtype]:.0e} * {scale:.3e}"
 
 
 def rand(*shape, dtype):

@@ -9,6 +9,7 @@ must equal torch's bit for bit; grad_input is compared with a float64 reference.
 """
 import pytest
 import torch
+from helpers import bn_params
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -141,13 +142,6 @@ BN = [
 ]
 
 
-def bn_params(C, dtype):
-    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    w = (torch.rand(C, device=DEV) + 0.5).to(pdt)
-    b = torch.randn(C, device=DEV).to(pdt)
-    rm = torch.randn(C, device=DEV).to(pdt)
-    rv = (torch.rand(C, device=DEV) + 0.5).to(pdt)
-    return w, b, rm, rv
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,7 +153,7 @@ def test_batch_norm_train_fast_paths(dtype, shape, cl, affine):
     x = (make(shape, dtype, cl).float() * 0.5 + 100.0).to(dtype)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
-    w, b, rm, rv = bn_params(C, dtype)
+    w, b, rm, rv = bn_params(C, dtype, DEV)
     if not affine:
         w = b = None
     rm_r, rv_r = rm.double().clone(), rv.double().clone()
@@ -195,7 +189,7 @@ def test_batch_norm_cluster_vs_split_kernels(monkeypatch):
     # The fused path and the split kernels agree (to rounding); env switch read per call.
     x = make((8, 64, 28, 28), torch.float32) * 2 + 3
     gy = make((8, 64, 28, 28), torch.float32)
-    w, b, rm, rv = bn_params(64, torch.float32)
+    w, b, rm, rv = bn_params(64, torch.float32, DEV)
     outs = []
     for off in ("0", "1"):
         monkeypatch.setenv("FASTLAYERS_BN_NO_CLUSTER", off)
@@ -218,7 +212,7 @@ def test_batch_norm_channels_last(dtype, C, shift):
     x.copy_(make(shape, dtype, True).float() * 0.5 + 1000.0)
     assert x.is_contiguous(memory_format=torch.channels_last)
     gy = make(shape, dtype, True, shift)
-    w, b, rm, rv = bn_params(C, dtype)
+    w, b, rm, rv = bn_params(C, dtype, DEV)
     rm_r, rv_r = rm.double().clone(), rv.double().clone()
     y, mean, invstd = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)

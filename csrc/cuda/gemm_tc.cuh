@@ -214,6 +214,41 @@ template <> struct Pair<__nv_bfloat16> {
 // load() call, starting at k = 0.
 //   K_COLS (K-contiguous): shared row = m (or n), column = k.
 //   else (MN-contiguous):  shared row = k, column = m (or n).
+// Epilogue for the two neighbouring columns j, j + 1 of row crow (both mma
+// layouts give a thread pairs): C = (accumulate ? C : 0) + v + bias_m + bias_n,
+// one 2-element store when C rows are unit-stride and aligned (P.vec2).
+// Shared with the wgmma kernel (gemm_wgmma.cuh).
+template <typename S, class Prm>
+__device__ __forceinline__ void store_c_pair(const Prm& P, S* crow, int64_t j, float v0, float v1,
+                                             float bm) {
+  if (P.vec2 && j + 1 < P.N) {
+    using S2 = typename Pair<S>::T;
+    S2* c2 = reinterpret_cast<S2*>(crow + j);
+    if (P.accumulate) {
+      const S2 old = *c2;
+      v0 += Num<S>::to_acc(old.x);
+      v1 += Num<S>::to_acc(old.y);
+    }
+    if (P.bias_m) { v0 += bm; v1 += bm; }
+    if (P.bias_n) {
+      v0 += Num<S>::to_acc(P.bias_n[j]);
+      v1 += Num<S>::to_acc(P.bias_n[j + 1]);
+    }
+    *c2 = Pair<S>::make(Num<S>::from_acc(v0), Num<S>::from_acc(v1));
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    if (j + e >= P.N) break;
+    float v = e ? v1 : v0;
+    S* c = crow + (j + e) * P.csC;
+    if (P.accumulate) v += Num<S>::to_acc(*c);
+    if (P.bias_m) v += bm;
+    if (P.bias_n) v += Num<S>::to_acc(P.bias_n[j + e]);
+    *c = Num<S>::from_acc(v);
+  }
+}
+
 template <typename S, class T, bool K_COLS>
 struct Loader {
   const S* base;
@@ -353,33 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_tc_kernel(Params<S> P) {
       for (int ni = 0; ni < NI; ++ni) {
         const int64_t j = n0 + wn0 + ni * 8 + 2 * t;
         if (j >= P.N) continue;
-        float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-        if (P.vec2 && j + 1 < P.N) {
-          using S2 = typename Pair<S>::T;
-          S2* c2 = reinterpret_cast<S2*>(crow + j);
-          if (P.accumulate) {
-            const S2 old = *c2;
-            v0 += Num<S>::to_acc(old.x);
-            v1 += Num<S>::to_acc(old.y);
-          }
-          if (P.bias_m) { v0 += bm; v1 += bm; }
-          if (P.bias_n) {
-            v0 += Num<S>::to_acc(P.bias_n[j]);
-            v1 += Num<S>::to_acc(P.bias_n[j + 1]);
-          }
-          *c2 = Pair<S>::make(Num<S>::from_acc(v0), Num<S>::from_acc(v1));
-        } else {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (j + e >= P.N) break;
-            float v = e ? v1 : v0;
-            S* c = crow + (j + e) * P.csC;
-            if (P.accumulate) v += Num<S>::to_acc(*c);
-            if (P.bias_m) v += bm;
-            if (P.bias_n) v += Num<S>::to_acc(P.bias_n[j + e]);
-            *c = Num<S>::from_acc(v);
-          }
-        }
+        store_c_pair<S>(P, crow, j, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], bm);
       }
     }
   }

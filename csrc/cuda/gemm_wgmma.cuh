@@ -271,33 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(tc::Params<S> P
     for (int j = 0; j < BN / 8; ++j) {
       const int64_t jj = n0 + acc_col(t, j, 0);
       if (jj >= P.N) continue;
-      float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-      if (P.vec2 && jj + 1 < P.N) {
-        using S2 = typename tc::Pair<S>::T;
-        S2* c2 = reinterpret_cast<S2*>(crow + jj);
-        if (P.accumulate) {
-          const S2 old = *c2;
-          v0 += Num<S>::to_acc(old.x);
-          v1 += Num<S>::to_acc(old.y);
-        }
-        if (P.bias_m) { v0 += bm; v1 += bm; }
-        if (P.bias_n) {
-          v0 += Num<S>::to_acc(P.bias_n[jj]);
-          v1 += Num<S>::to_acc(P.bias_n[jj + 1]);
-        }
-        *c2 = tc::Pair<S>::make(Num<S>::from_acc(v0), Num<S>::from_acc(v1));
-      } else {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          if (jj + e >= P.N) break;
-          float v = e ? v1 : v0;
-          S* cp = crow + (jj + e) * P.csC;
-          if (P.accumulate) v += Num<S>::to_acc(*cp);
-          if (P.bias_m) v += bm;
-          if (P.bias_n) v += Num<S>::to_acc(P.bias_n[jj + e]);
-          *cp = Num<S>::from_acc(v);
-        }
-      }
+      tc::store_c_pair<S>(P, crow, jj, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], bm);
     }
   }
 #endif
