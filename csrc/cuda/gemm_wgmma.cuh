@@ -82,6 +82,7 @@ FL_HD inline int acc_col(int t, int j, int e) { return 8 * j + 2 * (t % 4) + e %
 
 // Descriptor bits above the start address: LBO 1 (16 B), SBO 64 (1024 B), 128B swizzle.
 constexpr uint64_t kDescHi = (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+static_assert(kDescHi == 0x4000004000010000ull, "wgmma descriptor: LBO 16 B, SBO 1024 B, 128-byte swizzle");
 FL_HD inline uint64_t make_desc(uint32_t smem_addr) {
   return kDescHi | uint64_t((smem_addr & 0x3FFFF) >> 4);
 }
