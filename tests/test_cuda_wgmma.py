@@ -7,8 +7,10 @@ forward X . W^T, and grad_weight = dY^T . X when dY and X are both stored
 transposed. FASTLAYERS_NO_WGMMA=1 (read per call) switches it off, so the
 same products also run on the mma.sync kernel (gemm_tc) for comparison;
 FASTLAYERS_WGMMA_LOG=1 makes each wgmma launch print one stderr line, which
-tells whether the path really ran (it needs the sm_90a image, which setup.py
-adds when the arch list has 9.0).
+tells whether the path really ran (it needs the sm_90a image: build with
+TORCH_CUDA_ARCH_LIST=9.0a, as benchmarks/gpu_check.sh does, or FASTLAYERS_SM90A=1).
+Not yet run on a GPU, the path is off unless FASTLAYERS_CUDA_NEW=1; every test
+here switches that on.
 References: float64 on the same rounded inputs; error relative to max |ref|.
 """
 import pytest
@@ -121,5 +123,10 @@ def test_wgmma_path_taken(capfd, monkeypatch):
     err = capfd.readouterr().err
     assert ("fastlayers wgmma: M=" in err) == hopper(), err
     monkeypatch.setenv("FASTLAYERS_NO_WGMMA", "1")
+    close(ops.linear_forward(x, w, b), ref, torch.bfloat16, "out")
+    assert "fastlayers wgmma: M=" not in capfd.readouterr().err
+    # Off by default until it has run on a GPU.
+    monkeypatch.delenv("FASTLAYERS_NO_WGMMA")
+    monkeypatch.setenv("FASTLAYERS_CUDA_NEW", "0")
     close(ops.linear_forward(x, w, b), ref, torch.bfloat16, "out")
     assert "fastlayers wgmma: M=" not in capfd.readouterr().err
