@@ -60,11 +60,6 @@ FL_HD __forceinline__ void welford_merge(Acc& na, Acc& ma, Acc& m2a, Acc nb, Acc
 }
 
 
-#ifdef __CUDA_ARCH__
-#define FL_UNROLL _Pragma("unroll")
-#else
-#define FL_UNROLL
-#endif
 
 // ---- Vectorised fast paths: 16-byte loads of VEC = 16 / sizeof(S) elements. ----
 template <typename S> struct alignas(16) BNVec { S v[16 / sizeof(S)]; };

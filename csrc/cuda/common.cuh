@@ -13,6 +13,14 @@
 // checked on a machine without a GPU (.ci/host_check.cu).
 #define FL_HD __host__ __device__
 
+// "#pragma unroll" for loops in FL_HD code: only in the device pass (the host
+// compiler does not know the pragma and warns).
+#ifdef __CUDA_ARCH__
+#define FL_UNROLL _Pragma("unroll")
+#else
+#define FL_UNROLL
+#endif
+
 namespace fastlayers::cuda {
 
 // Storage type T <-> accumulation type Acc. Written with the explicit

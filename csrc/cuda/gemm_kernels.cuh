@@ -103,7 +103,7 @@ struct TileLoader {
   FL_HD void init(const Op& op, int64_t mn0, int64_t MN, bool kfast, int tid) {
     kl = kfast ? tid % 8 : tid / 32;
     mnl0 = kfast ? tid / 8 : tid % 32;
-#pragma unroll
+FL_UNROLL
     for (int e = 0; e < EM; ++e) {
       const int64_t m = mn0 + mnl0 + 32 * e;
       mv[e] = m < MN;
@@ -111,23 +111,23 @@ struct TileLoader {
     }
   }
   FL_HD void load(const Op& op, int64_t k0, int64_t kend) {
-#pragma unroll
+FL_UNROLL
     for (int h = 0; h < KH; ++h) {
       const int64_t k = k0 + kl + 8 * h;
       if (k < kend) {
         const typename Op::Kx kx = op.k(k);
-#pragma unroll
+FL_UNROLL
         for (int e = 0; e < EM; ++e) r[h][e] = mv[e] ? op.load(mi[e], kx) : zero_of<T>();
       } else {
-#pragma unroll
+FL_UNROLL
         for (int e = 0; e < EM; ++e) r[h][e] = zero_of<T>();
       }
     }
   }
   FL_HD void store(T* s, int ld) const {
-#pragma unroll
+FL_UNROLL
     for (int h = 0; h < KH; ++h)
-#pragma unroll
+FL_UNROLL
       for (int e = 0; e < EM; ++e) s[(kl + 8 * h) * ld + mnl0 + 32 * e] = r[h][e];
   }
 };

@@ -144,11 +144,6 @@ struct Params {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define FL_TC_ARCH_OK 1
 #endif
-#ifdef __CUDA_ARCH__   // `#pragma unroll` in FL_HD code: device pass only (g++ warns)
-#define FL_TC_UNROLL _Pragma("unroll")
-#else
-#define FL_TC_UNROLL
-#endif
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
 #ifdef FL_TC_ARCH_OK
@@ -259,7 +254,7 @@ struct Loader {
   FL_HD __forceinline__ void init(const S* g, int64_t stride, int64_t mn0, int64_t MN, int tid) {
     base = g;
     step = K_COLS ? int64_t(kBK) : int64_t(kBK) * stride;
-FL_TC_UNROLL
+FL_UNROLL
     for (int i = 0; i < T::CHUNKS; ++i) {
       const int q = tid + i * kThreads, r = T::row(q), c = T::col(q);
       if (K_COLS) {
@@ -278,7 +273,7 @@ FL_TC_UNROLL
   // 16 bytes is zero-filled).
   template <class Copy>
   FL_HD __forceinline__ void load(int64_t krem, int tid, Copy&& copy) {
-FL_TC_UNROLL
+FL_UNROLL
     for (int i = 0; i < T::CHUNKS; ++i) {
       const int q = tid + i * kThreads, r = T::row(q), c = T::col(q);
       const int bytes = K_COLS ? (fixed[i] ? chunk_bytes(krem - c) : 0) : (r < krem ? fixed[i] : 0);

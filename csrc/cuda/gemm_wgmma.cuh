@@ -188,12 +188,12 @@ struct Copies {
   template <class F>
   FL_HD __forceinline__ void tile(int64_t k0, F&& copy) const {
     const int bytes = tc::chunk_bytes(K - k0 - 8 * c);
-FL_TC_UNROLL
+FL_UNROLL
     for (int i = 0; i < CF::A_COPIES; ++i) {
       const bool ok = bytes && ((okA >> i) & 1);
       copy(false, dst0 + uint32_t(i * 32 * kRowBytes), ok ? offA + i * 32 * sA + k0 : 0, ok ? bytes : 0);
     }
-FL_TC_UNROLL
+FL_UNROLL
     for (int i = 0; i < CF::B_COPIES; ++i) {
       const bool ok = bytes && ((okB >> i) & 1);
       copy(true, uint32_t(CF::A_BYTES) + dst0 + uint32_t(i * 32 * kRowBytes),

@@ -169,10 +169,10 @@ FL_HD __forceinline__ void pool_bwd_k3s2_group(const PoolFast& f, uint32_t row, 
   // Window rows pend-1 (slot 0) and pend-2 (slot 1) when >= pstart; columns qs + k.
   Acc g[2][3];
   int o[2][3];
-#pragma unroll
+FL_UNROLL
   for (int a = 0; a < 2; ++a) {
     const int p = pend - 1 - a;
-#pragma unroll
+FL_UNROLL
     for (int k = 0; k < 3; ++k) {
       const int q = qs + k;
       const bool ok = p >= pstart && q < f.Q;
@@ -182,17 +182,17 @@ FL_HD __forceinline__ void pool_bwd_k3s2_group(const PoolFast& f, uint32_t row, 
     }
   }
   S out[4];
-#pragma unroll
+FL_UNROLL
   for (int e = 0; e < 4; ++e) {
     const int wp = wp0 + e;
     const int qend = min(wp / 2 + 1, f.Q), qstart = wp < 3 ? 0 : (wp - 3) / 2 + 1;
     Acc sum = Acc(0);
-#pragma unroll
+FL_UNROLL
     for (int a = 0; a < 2; ++a) {
       const int p = pend - 1 - a;
       if (p < pstart) break;
       const int kr = (hp - 2 * p) * 3 + wp;
-#pragma unroll
+FL_UNROLL
       for (int b = 0; b < 2; ++b) {
         const int q = qend - 1 - b;
         if (q < qstart) break;
@@ -207,11 +207,11 @@ FL_HD __forceinline__ void pool_bwd_k3s2_group(const PoolFast& f, uint32_t row, 
   const uint32_t xb = row * uint32_t(f.W) + uint32_t(w0);
   if (VS) {
     PoolVec4<S> v;
-#pragma unroll
+FL_UNROLL
     for (int e = 0; e < 4; ++e) v.v[e] = out[e];
     *reinterpret_cast<PoolVec4<S>*>(gx + xb) = v;
   } else {
-#pragma unroll
+FL_UNROLL
     for (int e = 0; e < 4; ++e)
       if (w0 + e < f.W) gx[xb + e] = out[e];
   }
