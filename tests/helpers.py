@@ -42,6 +42,18 @@ def compare_modules(ours, ref, x, atol=1e-4, rtol=1e-4, steps=1, check_grads=Tru
 
 # ---- CUDA tests (tests/test_cuda*.py) -----------------------------------------------
 
+# Error bounds relative to max |ref| (float16/bfloat16 against torch in float32).
+CUDA_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def close_cuda(ours, ref, dtype, what="", tol=None, floor=1e-3):
+    """max |ours - ref| <= tol * max(max |ref|, floor), tol from CUDA_TOL by default."""
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    tol = CUDA_TOL[dtype] if tol is None else tol
+    err = (ours.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    scale = max(ref.double().abs().max().item() if ref.numel() else 0.0, floor)
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
 HALF_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 

@@ -8,7 +8,8 @@ import itertools
 
 import pytest
 import torch
-from helpers import bn_params
+from helpers import CUDA_TOL, bn_params
+from helpers import close_cuda as close
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -18,7 +19,7 @@ if torch.cuda.is_available():  # without a GPU every test is skipped; nothing to
 
 ops = torch.ops.fastlayers
 DEV = "cuda"
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+TOL = CUDA_TOL
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -31,12 +32,6 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def close(ours, ref, dtype, what="", tol=None, floor=1e-3):
-    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    tol = TOL[dtype] if tol is None else tol
-    err = (ours.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-    scale = max(ref.double().abs().max().item() if ref.numel() else 0.0, floor)
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 def rand(*shape, dtype=torch.float32, cl=False):

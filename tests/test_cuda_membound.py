@@ -9,7 +9,8 @@ must equal torch's bit for bit; grad_input is compared with a float64 reference.
 """
 import pytest
 import torch
-from helpers import bn_params
+from helpers import CUDA_TOL, bn_params
+from helpers import close_cuda as close
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -19,16 +20,10 @@ if torch.cuda.is_available():
 
 ops = torch.ops.fastlayers
 DEV = "cuda"
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+TOL = CUDA_TOL
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def close(ours, ref, dtype, what="", tol=None, floor=1e-3):
-    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    tol = TOL[dtype] if tol is None else tol
-    err = (ours.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-    scale = max(ref.double().abs().max().item() if ref.numel() else 0.0, floor)
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
 def make(shape, dtype, cl=False, shift=0, ties=False):

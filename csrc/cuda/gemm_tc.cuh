@@ -244,6 +244,20 @@ __device__ __forceinline__ void store_c_pair(const Prm& P, S* crow, int64_t j, f
   }
 }
 
+// The problem's sizes, pointers and epilogue from the descriptor (both
+// tensor-core GEMMs; the operand strides are set by their qualify checks).
+template <typename S>
+inline void set_problem(Params<S>& P, const GemmDesc& d) {
+  P.M = d.M; P.N = d.N; P.K = d.K;
+  P.A = static_cast<const S*>(d.A);
+  P.B = static_cast<const S*>(d.B);
+  P.C = static_cast<S*>(d.C); P.rsC = d.rsC; P.csC = d.csC;
+  P.accumulate = d.accumulate;
+  P.vec2 = d.csC == 1 && d.rsC % 2 == 0 && reinterpret_cast<uintptr_t>(d.C) % 4 == 0;
+  P.bias_m = static_cast<const S*>(d.bias_m);
+  P.bias_n = static_cast<const S*>(d.bias_n);
+}
+
 template <typename S, class T, bool K_COLS>
 struct Loader {
   const S* base;
@@ -488,14 +502,7 @@ int gemm_tc(const GemmDesc& d, cudaStream_t stream) {
   if (!tc::qualifies(d, &P.sA, &P.sB, &a_kc, &b_kc)) return -1;
   tc::Device dev; int id = 0;
   if (const int e = tc::device_info(&dev, &id)) return e;
-  P.M = d.M; P.N = d.N; P.K = d.K;
-  P.A = static_cast<const S*>(d.A);
-  P.B = static_cast<const S*>(d.B);
-  P.C = static_cast<S*>(d.C); P.rsC = d.rsC; P.csC = d.csC;
-  P.accumulate = d.accumulate;
-  P.vec2 = d.csC == 1 && d.rsC % 2 == 0 && reinterpret_cast<uintptr_t>(d.C) % 4 == 0;
-  P.bias_m = static_cast<const S*>(d.bias_m);
-  P.bias_n = static_cast<const S*>(d.bias_n);
+  tc::set_problem(P, d);
   // The big tile (128 x 256) once it gives every SM a block; else 128 x 128.
   if (ceil_div(d.M, tc::CfgBig::BM) * ceil_div(d.N, tc::CfgBig::BN) >= dev.sms)
     return tc::launch_cfg<S, tc::CfgBig>(P, a_kc, b_kc, id, stream);

@@ -369,14 +369,7 @@ int gemm_wgmma(const GemmDesc& d, cudaStream_t stream) {
   tc::Device dev;
   int id = 0;
   if (!wg::qualifies(d, &P.sA, &P.sB, &dev, &id)) return -1;
-  P.M = d.M; P.N = d.N; P.K = d.K;
-  P.A = static_cast<const S*>(d.A);
-  P.B = static_cast<const S*>(d.B);
-  P.C = static_cast<S*>(d.C); P.rsC = d.rsC; P.csC = d.csC;
-  P.accumulate = d.accumulate;
-  P.vec2 = d.csC == 1 && d.rsC % 2 == 0 && reinterpret_cast<uintptr_t>(d.C) % 4 == 0;
-  P.bias_m = static_cast<const S*>(d.bias_m);
-  P.bias_n = static_cast<const S*>(d.bias_n);
+  tc::set_problem(P, d);
   // 128 x 256 tiles once they give every SM a block; else 128 x 128.
   if (ceil_div(d.M, wg::kBM) * ceil_div(d.N, wg::CfgBig::BN) >= dev.sms)
     return wg::launch<S, wg::CfgBig>(P, id, stream);
