@@ -41,6 +41,11 @@ CASES = {
     # that cut output rows, one image (tiles spread over threads) and more.
     "multi_tile_n1": (1, 64, 32, 30, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "multi_tile_n3": (3, 64, 30, 31, 5, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    # Im2col + GEMM (Kg > 32) with output rows of whole 16-pixel slivers, so
+    # the packed im2col fills slivers with vector (masked) loads, including
+    # at the first and last pixels of each channel plane; and a dilated one.
+    "sliver_rows": (2, 8, 16, 32, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "sliver_rows_dilated": (2, 4, 9, 48, 36, 3, 3, (1, 1), (2, 2), (2, 2), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -186,7 +191,8 @@ def test_every_isa(isa):
     old = fastlayers._C.isa()
     fastlayers._C.set_isa(isa)
     try:
-        for name in ("3x3p1", "pointwise", "groups2", "depthwise"):
+        for name in ("3x3p1", "pointwise", "groups2", "depthwise", "sliver_rows",
+                     "sliver_rows_dilated", "multi_tile_n3"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

@@ -456,6 +456,17 @@ PackedBLayout gemm_packed_b_layout() {
   return {ks.KC, ks.NR};
 }
 template <typename T>
+void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
+                     int64_t sl) {
+  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  if (ks.fill_b_row) return ks.fill_b_row(f, n, x, limit, row, sl, ks.NR);
+  for (int64_t i = 0; i < n; ++i) {  // the reference the vector kernels match
+    T* d = row + f[i].sliver * sl;
+    for (int j = 0; j < ks.NR; ++j)
+      d[j] = j >= f[i].l0 && j < f[i].l1 ? x[f[i].src + (j - f[i].l0)] : T(0);
+  }
+}
+template <typename T>
 void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst) {
   gemm_detail::pack_all(true, M, K, A, rsA, csA, dst);
 }
@@ -469,6 +480,10 @@ template int64_t gemm_packed_b_size<float>(int64_t, int64_t);
 template int64_t gemm_packed_b_size<double>(int64_t, int64_t);
 template PackedBLayout gemm_packed_b_layout<float>();
 template PackedBLayout gemm_packed_b_layout<double>();
+template void gemm_fill_b_row<float>(const SliverFill*, int64_t, const float*, int64_t, float*,
+                                     int64_t);
+template void gemm_fill_b_row<double>(const SliverFill*, int64_t, const double*, int64_t,
+                                      double*, int64_t);
 template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
 template void gemm_pack_b<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);

@@ -79,4 +79,20 @@ struct PackedBLayout {
 template <typename T>
 PackedBLayout gemm_packed_b_layout();
 
+// One row k of one packed-B sliver, filled from a contiguous source run (a
+// producer such as im2col writing straight into the packed layout): lanes
+// [l0, l1) get x[src], x[src + 1], ..., x[src + l1 - l0 - 1]; the other
+// lanes of the sliver get zero (l0 == l1: all zero, x not read).
+struct SliverFill {
+  int64_t sliver;
+  int64_t src;
+  int32_t l0, l1;
+};
+// For each of the n fills, the sliver row at row + f.sliver * sl (R lanes,
+// R = gemm_packed_b_layout<T>().R). x[0, limit) is readable memory: the
+// vector kernels may read any of it (and nothing else) to fill a sliver.
+template <typename T>
+void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
+                     int64_t sl);
+
 }  // namespace fastlayers::cpu

@@ -15,6 +15,8 @@
 #pragma once
 #include <cstdint>
 
+#include "gemm.h"
+
 namespace fastlayers::cpu::gemm_detail {
 
 template <typename T>
@@ -66,6 +68,13 @@ inline void store_dot(const DotArgs<T>& g, int64_t i, int64_t j, T v) {
 template <typename T>
 using DotKernel = void (*)(const DotArgs<T>& g);
 
+// Row k of packed-B slivers from contiguous source runs (gemm.h: SliverFill,
+// gemm_fill_b_row): for each f, lanes [f.l0, f.l1) of row + f.sliver * sl get
+// x[f.src ...], the other R lanes zero; x[0, limit) may be read.
+template <typename T>
+using FillBRow = void (*)(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
+                          int64_t sl, int R);
+
 template <typename T>
 struct KernelSet {
   int MR = 0, NR = 0;
@@ -75,6 +84,7 @@ struct KernelSet {
   PackTransposed<T> pack_t = nullptr;  // may be null
   bool store_t = false;                // the kernels honour Tile::c_trans
   DotKernel<T> dot = nullptr;          // may be null
+  FillBRow<T> fill_b_row = nullptr;    // may be null
 };
 
 // Defined in gemm_kernels_avx2.cpp / gemm_kernels_avx512.cpp. Only call the
@@ -82,6 +92,8 @@ struct KernelSet {
 KernelSet<float> avx2_kernels_f32();
 void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst);
 void gemm_dot_f32_avx2(const DotArgs<float>& g);
+void fill_b_row_f32_avx2(const SliverFill* f, int64_t n, const float* x, int64_t limit,
+                         float* row, int64_t sl, int R);
 KernelSet<double> avx2_kernels_f64();
 KernelSet<float> avx512_kernels_f32();
 KernelSet<double> avx512_kernels_f64();

@@ -73,18 +73,42 @@ void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
   const int64_t n = p1 - p0, RS = s.RS(), K = s.Cg * RS, R = L.R;
   const int64_t Nr = (n + R - 1) / R * R;
   // Which input element (or zero) each lane gets depends on (r, q) and the
-  // pixel, not on the channel: so describe each (r, q) row once as runs that
-  // never cross a sliver, then replay the runs for every channel.
+  // pixel, not on the channel: so describe each (r, q) row once, then replay
+  // the description for every channel. A sliver whose lanes read one
+  // contiguous input run (stride 1, within one output row; zeros around it)
+  // is one SliverFill (vector masked loads); any other sliver is a list of
+  // runs that never cross it.
   struct Run {
     int64_t sliver, lane, len;
     int64_t src;  // offset in the channel plane, or -1: zeros
   };
-  std::vector<Run> runs;
-  std::vector<int64_t> first(RS + 1);
+  std::vector<Run> runs, sliver_runs;
+  std::vector<SliverFill> fills;
+  std::vector<int64_t> first_run(RS + 1), first_fill(RS + 1);
+  // Moves the runs of one sliver from sliver_runs to fills or runs.
+  auto flush = [&]() {
+    if (sliver_runs.empty()) return;
+    int data = 0;
+    for (const Run& e : sliver_runs) data += e.src >= 0;
+    if (s.sW == 1 && data <= 1) {
+      SliverFill f{sliver_runs[0].sliver, 0, 0, 0};
+      for (const Run& e : sliver_runs)
+        if (e.src >= 0) {
+          f.src = e.src;
+          f.l0 = static_cast<int32_t>(e.lane);
+          f.l1 = static_cast<int32_t>(e.lane + e.len);
+        }
+      fills.push_back(f);
+    } else {
+      runs.insert(runs.end(), sliver_runs.begin(), sliver_runs.end());
+    }
+    sliver_runs.clear();
+  };
   const int64_t oh0 = p0 / s.Q, ow00 = p0 % s.Q;
   for (int64_t r = 0; r < s.R; ++r) {
     for (int64_t q = 0; q < s.S; ++q) {
-      first[r * s.S + q] = static_cast<int64_t>(runs.size());
+      first_run[r * s.S + q] = static_cast<int64_t>(runs.size());
+      first_fill[r * s.S + q] = static_cast<int64_t>(fills.size());
       const int64_t off = q * s.dW - s.pW;
       int64_t lo, hi;
       valid_range(off, s.sW, s.W, s.Q, lo, hi);
@@ -92,7 +116,8 @@ void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
       auto emit = [&](int64_t len, int64_t src) {  // src advances by sW per lane
         while (len > 0) {
           const int64_t lane = j % R, m = std::min(len, R - lane);
-          runs.push_back({j / R, lane, m, src});
+          if (lane == 0) flush();
+          sliver_runs.push_back({j / R, lane, m, src});
           j += m;
           len -= m;
           if (src >= 0) src += m * s.sW;
@@ -112,9 +137,11 @@ void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
         p += ow1 - ow0;
       }
       emit(Nr - n, -1);  // lanes past the tile
+      flush();
     }
   }
-  first[RS] = static_cast<int64_t>(runs.size());
+  first_run[RS] = static_cast<int64_t>(runs.size());
+  first_fill[RS] = static_cast<int64_t>(fills.size());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * n));
   at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -123,7 +150,9 @@ void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
         const int64_t k = c * RS + rq, kb = k / L.KC * L.KC;
         const int64_t sl = R * std::min(L.KC, K - kb);  // sliver stride
         T* const row = col + kb * Nr + (k - kb) * R;
-        for (int64_t u = first[rq]; u < first[rq + 1]; ++u) {
+        gemm_fill_b_row<T>(fills.data() + first_fill[rq], first_fill[rq + 1] - first_fill[rq],
+                           xc, s.HW(), row, sl);
+        for (int64_t u = first_run[rq]; u < first_run[rq + 1]; ++u) {
           const Run& e = runs[u];
           T* d = row + e.sliver * sl + e.lane;
           if (e.src < 0) {
