@@ -358,6 +358,7 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
   uint8_t* o = static_cast<uint8_t*>(off.mutable_data_ptr());
   const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW, P = OH * OW;
   const bool nt = out.numel() * 5 >= kStreamBytes;
+  const int64_t pfd = 4;  // output rows of prefetch distance (2..56 measured alike)
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
     std::vector<const float*> rows(g.kH);
     std::vector<int32_t> kh(g.kH);
@@ -383,6 +384,18 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
             orow[ow] = static_cast<uint8_t>(t + first_k(ow * g.sW - g.pW, g.dW));
           }
           continue;
+        }
+        {
+          // Software prefetch of the input rows that first enter a window
+          // pfd output rows later (possibly in the next plane, which
+          // follows in memory): the row-by-row walk over 4-8 KiB planes is
+          // too short for the hardware prefetcher, and the loads stalled.
+          const int64_t ih_hi = (oh + pfd) * g.sH - g.pH + (g.kH - 1) * g.dH;
+          const int64_t row0 = pl * H + std::max<int64_t>(ih_hi - g.sH + 1, 0);
+          const int64_t row1 = std::min(pl * H + ih_hi + 1, e * H);
+          const char* p0 = reinterpret_cast<const char*>(x + row0 * W);
+          const char* p1 = reinterpret_cast<const char*>(x + row1 * W);
+          for (const char* q = p0; q < p1; q += 64) _mm_prefetch(q, _MM_HINT_T0);
         }
         cpu::max_pool2d_fwd_k3s2_row_avx2(rows.data(), kh.data(), n, W, g.pW, OW, yr, orow);
       }
