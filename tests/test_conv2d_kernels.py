@@ -46,6 +46,11 @@ CASES = {
     # at the first and last pixels of each channel plane; and a dilated one.
     "sliver_rows": (2, 8, 16, 32, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "sliver_rows_dilated": (2, 4, 9, 48, 36, 3, 3, (1, 1), (2, 2), (2, 2), 1),
+    # Stride-1 grad_input computed as a forward conv (flipped, transposed
+    # weight; padding d*(k-1)-p): groups with uneven padding, and dilation
+    # with zero padding (the forward problem's padding is then the largest).
+    "dgrad_fwd_groups": (2, 6, 9, 8, 72, 3, 3, (1, 1), (1, 2), (1, 1), 2),
+    "dgrad_fwd_dil_nopad": (2, 4, 10, 12, 36, 3, 2, (1, 1), (0, 1), (2, 1), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -192,7 +197,7 @@ def test_every_isa(isa):
     fastlayers._C.set_isa(isa)
     try:
         for name in ("3x3p1", "pointwise", "groups2", "depthwise", "sliver_rows",
-                     "sliver_rows_dilated", "multi_tile_n3"):
+                     "sliver_rows_dilated", "multi_tile_n3", "dgrad_fwd_groups"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

@@ -13,7 +13,9 @@
 //  NHWC  forward      Y[tile, Kg]  = col[tile, RSCg] . W^T            (+ bias_n)
 //        grad_input   col          = dY[tile, Kg] . W;    dX += col2im(col)
 //        grad_weight  dW[Kg, RSCg] += dY^T . col
-// where col = im2col(X) over the tile (csrc/cpu/im2col.h). A 1x1 / stride 1 /
+// where col = im2col(X) over the tile (csrc/cpu/im2col.h). A stride-1
+// grad_input whose padding allows it runs instead as the forward conv of dY
+// with the flipped, transposed weight (dgrad_as_forward below). A 1x1 / stride 1 /
 // unpadded conv uses X (or dX) in place of col. The NCHW forward writes col
 // straight into the GEMM core's packed-B layout (no separate packing pass;
 // the tile's pixel count is then rounded up to the micro-tile width).
@@ -339,6 +341,42 @@ bool small_grad_weight(const ConvShape& s, bool on, const T* dy, const T* x, T* 
   return false;
 }
 
+// ------------------------------------------- grad_input as a forward conv
+
+// With stride 1, grad_input is the forward convolution of dY with the
+// weight flipped in (r, s) and transposed in (k, c) per group, padded by
+// d * (kernel - 1) - p:
+//   dX[n, c, h, w] = sum_{k, r, s} dY[n, k, h + pH - r dH, w + pW - s dW] W[k, c, r, s]
+// so it runs on the forward path (packed im2col + GEMM, written straight
+// into dX: no column buffer, no col2im, no zeroing of dX), whose GEMM
+// reduces over Kg*R*S instead of only Kg. Needs that padding to be >= 0.
+bool dgrad_as_forward(const ConvShape& s) {
+  return s.sH == 1 && s.sW == 1 && !s.pointwise() && s.pH <= s.dH * (s.R - 1) &&
+         s.pW <= s.dW * (s.S - 1) && s.Kg * s.RS() >= 32;
+}
+
+// The forward problem of dgrad_as_forward: input dY [N, K, P, Q], weight
+// [C, Kg, R, S], output dX [N, C, H, W].
+ConvShape dgrad_forward_shape(const ConvShape& s) {
+  ConvShape t = s;
+  t.C = s.K; t.H = s.P; t.W = s.Q;
+  t.K = s.C; t.P = s.H; t.Q = s.W;
+  t.pH = s.dH * (s.R - 1) - s.pH;
+  t.pW = s.dW * (s.S - 1) - s.pW;
+  t.Cg = s.Kg; t.Kg = s.Cg;
+  return t;
+}
+
+// W [K, Cg, R, S] -> W' [C, Kg, R, S]: W'[g Cg + c, k, r, s] = W[g Kg + k, c, R-1-r, S-1-s].
+at::Tensor dgrad_forward_weight(const at::Tensor& weight, const ConvShape& s,
+                                at::MemoryFormat fmt) {
+  return weight.reshape({s.G, s.Kg, s.Cg, s.R, s.S})
+      .flip({3, 4})
+      .transpose(1, 2)
+      .reshape({s.C, s.Kg, s.R, s.S})
+      .contiguous(fmt);
+}
+
 // ----------------------------------------------------------------- checks
 
 std::array<int64_t, 2> pair_arg(at::IntArrayRef v, const char* op, const char* name) {
@@ -464,12 +502,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
 
   if (mask[0]) {
     const auto opts = input.options().memory_format(fmt);
-    const bool overwrite = work && (direct || small || s.pointwise()) && s.C > 0;
+    const bool as_fwd = !direct && !small && dgrad_as_forward(s);
+    const bool overwrite = work && (direct || small || as_fwd || s.pointwise()) && s.C > 0;
     // (at::zeros would drop the memory format.)
     gi = cpu::empty({s.N, s.C, s.H, s.W}, opts);
     if (!overwrite) gi.zero_();
     if (work && s.C > 0) {
-      w = direct ? weight.contiguous() : weight.contiguous(fmt);
+      w = direct ? weight.contiguous()
+          : as_fwd ? dgrad_forward_weight(weight, s, fmt)
+                   : weight.contiguous(fmt);
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_grad_input", [&] {
         const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
         const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -477,6 +518,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         if (direct) {
           if (cl) cpu::direct_grad_input_nhwc(s, dyp, wp, dxp);
           else cpu::direct_grad_input_nchw(s, dyp, wp, dxp);
+        } else if (as_fwd) {
+          forward_gemm(dgrad_forward_shape(s), cl, dyp, wp, static_cast<const scalar_t*>(nullptr),
+                       dxp);
         } else if (!small_grad_input(s, small, dyp, wp, dxp)) {
           grad_input_gemm(s, cl, dyp, wp, dxp);
         }
