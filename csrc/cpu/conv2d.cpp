@@ -22,14 +22,16 @@
 //
 // Workspace: one column buffer per thread of CgRS * tile elements, where
 //   tmax   = max(64, budget / (CgRS * sizeof(T)))
-//            (budget 256 KiB for forward and grad_input, 1 MiB for grad_weight)
+//            (budget 512 KiB for forward (and stride-1 grad_input, which runs
+//            as a forward conv), 256 KiB for other grad_input, 1 MiB for
+//            grad_weight)
 //   ntiles = ceil(P*Q / tmax), raised to a multiple of the thread count (at
 //            most P*Q / 64) when N * groups < threads and P*Q >= 128
 //   tile   = min(P*Q, roundup16(ceil(P*Q / ntiles)))
 // and none for pointwise convs or the Cg == 1 direct kernels. So <= ~budget
-// per thread unless CgRS > 1024 (float, 256 KiB), where the 64-pixel floor wins.
-// E.g. float, 2 threads, forward: 32x64x32x32 k3p1 -> 576 x 112 = 252 KiB/thread,
-// (grad_weight: 576 x 352 = 792 KiB); 16x3x224x224 k7s2p3 -> 147 x 448 = 257
+// per thread unless CgRS * 64 * sizeof(T) > budget, where the 64-pixel floor wins.
+// E.g. float, 2 threads, forward: 32x64x32x32 k3p1 -> 576 x 208 = 468 KiB/thread,
+// (grad_weight: 576 x 352 = 792 KiB); 16x3x224x224 k7s2p3 -> 147 x 848 = 487
 // KiB/thread; 64x6x14x14 k5 -> 150 x
 // 100 = 59 KiB/thread. grad_weight adds (chunks - 1) partial copies of dW.
 // Forward and grad_input also hold the weight packed for the GEMM core once
@@ -67,7 +69,11 @@ using cpu::GemmArgs;
 // GEMM then packs the tile while it is still there; the weight is packed
 // once per op, so small tiles cost no repacking). grad_weight reduces over
 // the tile's pixels, so its tiles are larger (fewer passes over dW).
+// The forward's (whose im2col writes the packed layout, read once by the
+// GEMM) measured 3-5 % faster at 512 KiB than at 256 KiB on the 3x3 bench
+// convs (1 MiB: mixed).
 constexpr int64_t kColBudgetBytes = int64_t(1) << 18;
+constexpr int64_t kColBudgetBytesFwd = int64_t(1) << 19;
 constexpr int64_t kColBudgetBytesWgrad = int64_t(1) << 20;
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -121,7 +127,7 @@ template <typename T>
 void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y) {
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
   const bool pw = s.pointwise();
-  const int64_t tile = pixel_tile(s, sizeof(T), true), ntiles = divup(PQ, tile);
+  const int64_t tile = pixel_tile(s, sizeof(T), true, kColBudgetBytesFwd), ntiles = divup(PQ, tile);
   // NCHW: A = W_g; NHWC: B = W_g^T.
   const PackedWeight<T> wpk(s, s.N * ntiles, !cl, cl, w);
   // NCHW: im2col writes the GEMM's packed-B layout directly.
