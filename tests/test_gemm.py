@@ -130,7 +130,8 @@ def test_linear_backward_shapes(isa, dtype, M, N, K):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cl", ["contig", "t", "sliced"])
 @pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (23, 37, 41), (150, 90, 270), (7, 300, 0)])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (23, 37, 41), (150, 90, 270), (7, 300, 0),
+                                   (300, 70, 1)])  # K == 1: the rank-1 path
 def test_gemm_core(isa, dtype, cl, accumulate, M, N, K):
     a, b = layout(randn(M, K, dtype=dtype), "t"), layout(randn(K, N, dtype=dtype), "sliced")
     c0 = randn(M, N, dtype=dtype)

@@ -317,6 +317,27 @@ void gemm_no_k(const GemmArgs<T>& g) {
   });
 }
 
+// K == 1, row-major C: C[i, :] = (accumulate ? C[i, :] : 0) + A[i, 0] B[0, :] + biases.
+template <typename T>
+void gemm_rank1(const GemmArgs<T>& g) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / g.N);
+  at::parallel_for(0, g.M, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T a = g.A[i * g.rsA];
+      const T bm = g.bias_m ? g.bias_m[i] : T(0);
+      T* c = g.C + i * g.rsC;
+      const T* b = g.B;
+      const int64_t cs = g.csB;
+      if (g.accumulate)
+        for (int64_t j = 0; j < g.N; ++j) c[j] += a * b[j * cs] + bm;
+      else
+        for (int64_t j = 0; j < g.N; ++j) c[j] = a * b[j * cs] + bm;
+      if (g.bias_n)
+        for (int64_t j = 0; j < g.N; ++j) c[j] += g.bias_n[j];
+    }
+  });
+}
+
 template <typename T>
 void gemm_impl(GemmArgs<T> g) {
   if (g.M <= 0 || g.N <= 0) return;
@@ -332,6 +353,9 @@ void gemm_impl(GemmArgs<T> g) {
     std::swap(g.rsC, g.csC);
     std::swap(g.bias_m, g.bias_n);
   }
+  // K == 1 (the grad_weight of a batch-1 Linear): a rank-1 update, written
+  // row by row. Through the micro-kernels it would be all epilogue.
+  if (g.K == 1 && !prepacked && g.csC == 1) return gemm_rank1(g);
   const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
   const int64_t MR = ks.MR, NR = ks.NR;
 
@@ -347,7 +371,9 @@ void gemm_impl(GemmArgs<T> g) {
   if (!prepacked && ks.dot && g.M <= 4 && g.csA == 1 && g.rsB == 1) {
     DotArgs<T> d{g.M, g.K, 0, g.N, g.A, g.rsA, g.B, g.csB, g.C, g.rsC, g.csC,
                  g.accumulate, g.bias_m, g.bias_n};
-    const int64_t grain = std::max<int64_t>(16, (1 << 18) / std::max<int64_t>(1, g.M * g.K));
+    // Memory bound (each B column is read once): columns of 2^15 and more
+    // multiply-adds per block are worth a thread.
+    const int64_t grain = std::max<int64_t>(16, (1 << 15) / std::max<int64_t>(1, g.M * g.K));
     at::parallel_for(0, g.N, grain, [&](int64_t n0, int64_t n1) {
       DotArgs<T> part = d;
       part.n0 = n0; part.n1 = n1;
@@ -383,7 +409,11 @@ void gemm_impl(GemmArgs<T> g) {
   // grid that minimises per-thread compute + packing (in units of K).
   const int64_t work = g.M * g.N * g.K;
   int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
-  nt = std::max<int64_t>(1, std::min<int64_t>(nt, work / (1 << 17)));
+  // A tiny M, N or K (batch-1 grad_input, the outer product of a batch-1
+  // grad_weight) makes the call memory bound: it is worth threads by the
+  // elements it moves, not only by its multiply-adds.
+  const int64_t moved = 8 * (g.M * g.N + g.M * g.K + g.K * g.N);
+  nt = std::max<int64_t>(1, std::min<int64_t>(nt, std::max(work, moved) / (1 << 17)));
   const int64_t bm = ceil_div(g.M, MR), bn = ceil_div(g.N, NR);  // tiles per dim
   int64_t tm = 1, tn = 1;
   double best = -1;
