@@ -234,12 +234,13 @@ void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* d
   const int64_t tile = pixel_tile(s, sizeof(T), true, kColBudgetBytesWgrad), ntiles = divup(PQ, tile);
   const int64_t items = s.N * s.G * ntiles;
   const int64_t nchunks = cpu::planned_chunks(items);
+  const int64_t ld = cpu::im2col_nchw_ld<T>(tile);  // NCHW column rows: pixels, padded
   // Chunk 0 accumulates straight into dw, chunk c > 0 into partial[c - 1].
   std::vector<T> partial(std::max<int64_t>(0, nchunks - 1) * wsize, T(0));
   std::fill(dw, dw + wsize, T(0));
   cpu::run_chunks(items, [&](int64_t c, int64_t i0, int64_t i1) {
     T* acc = c == 0 ? dw : partial.data() + (c - 1) * wsize;
-    cpu::AlignedVector<T> col(pw ? 0 : rowlen * tile);
+    cpu::AlignedVector<T> col(pw ? 0 : rowlen * (cl ? tile : ld));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
       const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
@@ -252,7 +253,7 @@ void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* d
           a.B = xg + p0; a.rsB = 1; a.csB = HW;
         } else {
           cpu::im2col_nchw(s, xg, p0, p1, col.data());
-          a.B = col.data(); a.rsB = 1; a.csB = pn;
+          a.B = col.data(); a.rsB = 1; a.csB = cpu::im2col_nchw_ld<T>(pn);
         }
       } else {
         const T* xn = x + n * HW * s.C + g * s.Cg;

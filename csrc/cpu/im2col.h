@@ -21,55 +21,22 @@
 
 namespace fastlayers::cpu {
 
-// x: channel 0 of this group in image n (channel planes H*W apart).
+// The columns of one image and group, filled in slivers of L.R pixels
+// (lanes past the tile zero), in one of two layouts:
+//  packed:   the GEMM core's packed-B layout (gemm.h: PackedBLayout; K =
+//            Cg*R*S rows, N = p1 - p0 pixels), so the GEMM takes the buffer as
+//            packed_B and no separate packing pass reads it again (forward).
+//            Buffer: gemm_packed_b_size<T>(Cg*R*S, p1 - p0) elements.
+//  row-major: [Cg*R*S, ld] with ld = im2col_nchw_ld(p1 - p0) (grad_weight).
 template <typename T>
-void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col) {
-  const int64_t ld = p1 - p0, RS = s.RS();
-  const int64_t oh0 = p0 / s.Q, ow00 = p0 % s.Q;  // the tile's first output pixel
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * ld));
-  at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* xc = x + c * s.HW();
-      for (int64_t r = 0; r < s.R; ++r) {
-        for (int64_t q = 0; q < s.S; ++q) {
-          T* dst = col + ((c * s.R + r) * s.S + q) * ld;
-          const int64_t off = q * s.dW - s.pW;
-          int64_t lo, hi;
-          valid_range(off, s.sW, s.W, s.Q, lo, hi);
-          // (oh, ow0) advance with p: no division per output row.
-          for (int64_t p = p0, oh = oh0, ow0 = ow00; p < p1; ++oh, ow0 = 0) {
-            const int64_t ow1 = std::min(s.Q, ow0 + (p1 - p));
-            const int64_t ih = oh * s.sH - s.pH + r * s.dH;
-            if (ih < 0 || ih >= s.H) {
-              std::fill(dst, dst + (ow1 - ow0), T(0));
-            } else {
-              const T* xr = xc + ih * s.W + off;
-              const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
-              T* d = dst - ow0;
-              for (int64_t ow = ow0; ow < a; ++ow) d[ow] = T(0);
-              if (s.sW == 1) {
-                if (b > a) std::memcpy(d + a, xr + a, sizeof(T) * (b - a));
-              } else {
-                for (int64_t ow = a; ow < b; ++ow) d[ow] = xr[ow * s.sW];
-              }
-              for (int64_t ow = b; ow < ow1; ++ow) d[ow] = T(0);
-            }
-            dst += ow1 - ow0;
-            p += ow1 - ow0;
-          }
-        }
-      }
-    }
-  });
+int64_t im2col_nchw_ld(int64_t n) {
+  const int64_t R = gemm_packed_b_layout<T>().R;
+  return (n + R - 1) / R * R;
 }
 
-// The same columns written straight into the GEMM core's packed-B layout
-// (gemm.h: PackedBLayout; K = Cg*R*S rows, N = p1 - p0 pixels), so the GEMM
-// takes them as packed_B and no separate packing pass reads them again.
-// Buffer: gemm_packed_b_size<T>(Cg*R*S, p1 - p0) elements.
 template <typename T>
-void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
-                        const PackedBLayout& L, T* col) {
+void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
+                         const PackedBLayout& L, bool packed, T* col) {
   const int64_t n = p1 - p0, RS = s.RS(), K = s.Cg * RS, R = L.R;
   const int64_t Nr = (n + R - 1) / R * R;
   // Which input element (or zero) each lane gets depends on (r, q) and the
@@ -147,9 +114,9 @@ void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
     for (int64_t c = c0; c < c1; ++c) {
       const T* xc = x + c * s.HW();
       for (int64_t rq = 0; rq < RS; ++rq) {
-        const int64_t k = c * RS + rq, kb = k / L.KC * L.KC;
-        const int64_t sl = R * std::min(L.KC, K - kb);  // sliver stride
-        T* const row = col + kb * Nr + (k - kb) * R;
+        const int64_t k = c * RS + rq, kb = packed ? k / L.KC * L.KC : k;
+        const int64_t sl = packed ? R * std::min(L.KC, K - kb) : R;  // sliver stride
+        T* const row = packed ? col + kb * Nr + (k - kb) * R : col + k * Nr;
         gemm_fill_b_row<T>(fills.data() + first_fill[rq], first_fill[rq + 1] - first_fill[rq],
                            xc, s.HW(), row, sl);
         for (int64_t u = first_run[rq]; u < first_run[rq + 1]; ++u) {
@@ -171,6 +138,18 @@ void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
       }
     }
   });
+}
+
+template <typename T>
+void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
+                        const PackedBLayout& L, T* col) {
+  im2col_nchw_slivers(s, x, p0, p1, L, true, col);
+}
+
+// Row-major columns [Cg*R*S, im2col_nchw_ld<T>(p1 - p0)].
+template <typename T>
+void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col) {
+  im2col_nchw_slivers(s, x, p0, p1, gemm_packed_b_layout<T>(), false, col);
 }
 
 // dx: channel 0 of this group in image n; dx += col2im(col).
