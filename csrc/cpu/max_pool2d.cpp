@@ -360,19 +360,36 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
   const bool nt = out.numel() * 5 >= kStreamBytes;
   const int64_t pfd = 4;  // output rows of prefetch distance (2..56 measured alike)
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
-    std::vector<const float*> rows(g.kH);
+    // Horizontal results of up to kH input rows (slot: ih % kH with
+    // dilation 1, where a window's rows get distinct slots, else its window
+    // row k), tagged with their input row: a row shared by consecutive
+    // windows is reduced once.
+    std::vector<float> hm_buf(g.kH * OW);
+    std::vector<int32_t> hi_buf(g.kH * OW);
+    std::vector<int64_t> tag(g.kH);
+    std::vector<const float*> hm(g.kH);
+    std::vector<const int32_t*> hi(g.kH);
     std::vector<int32_t> kh(g.kH);
     std::vector<float> ybuf(nt ? P : 0);
     std::vector<uint8_t> obuf(nt ? P : 0);
     for (int64_t pl = b; pl < e; ++pl) {
       float* yp = nt ? ybuf.data() : y + pl * P;
       uint8_t* op = nt ? obuf.data() : o + pl * P;
+      std::fill(tag.begin(), tag.end(), -1);
       for (int64_t oh = 0; oh < OH; ++oh) {
         int64_t n = 0;
         for (int64_t k = 0; k < g.kH; ++k) {
           const int64_t ih = oh * g.sH - g.pH + k * g.dH;
           if (ih < 0 || ih >= H) continue;
-          rows[n] = x + (pl * H + ih) * W;
+          const int64_t slot = g.dH == 1 ? ih % g.kH : k;
+          float* hms = hm_buf.data() + slot * OW;
+          int32_t* his = hi_buf.data() + slot * OW;
+          if (tag[slot] != ih) {
+            cpu::max_pool2d_k3s2_hrow_avx2(x + (pl * H + ih) * W, W, g.pW, OW, hms, his);
+            tag[slot] = ih;
+          }
+          hm[n] = hms;
+          hi[n] = his;
           kh[n++] = static_cast<int32_t>(k);
         }
         float* yr = yp + oh * OW;
@@ -397,7 +414,7 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
           const char* p1 = reinterpret_cast<const char*>(x + row1 * W);
           for (const char* q = p0; q < p1; q += 64) _mm_prefetch(q, _MM_HINT_T0);
         }
-        cpu::max_pool2d_fwd_k3s2_row_avx2(rows.data(), kh.data(), n, W, g.pW, OW, yr, orow);
+        cpu::max_pool2d_k3s2_vmerge_avx2(hm.data(), hi.data(), kh.data(), n, OW, yr, orow);
       }
       if (nt) {
         cpu::max_pool2d_stream_copy_avx2(y + pl * P, yp, P * 4);

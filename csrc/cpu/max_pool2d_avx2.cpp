@@ -145,76 +145,76 @@ __attribute__((noinline)) const float* k3s2_pad_row(const float* row, int64_t c0
   return pad;
 }
 
-// Forward of a 3-wide window with column stride 2 (dilation 1) straight from
-// input rows (no band buffer), one output row, OW >= 8. rows[i] is the input
-// row of window row kh[i] (only rows inside the input, in order); column c of
-// the window of output ow is input column 2 * ow - pW + c. Per 8 outputs and
-// row, one deinterleaving load gives the taps c = 1, 2 (columns c0 + 1 ..
-// c0 + 16) and tap 0 is tap 2 shifted by one lane, with column c0 (or -inf
-// left of the input) in lane 0. A block whose last column is past the input
-// (right padding, ceil_mode) reads a -inf padded copy. Max rule as torch
-// (first max wins, the last NaN wins). It is associative, so each row's
-// (max, offset) is found first and then merged into the running one: the
-// dependency chain is one merge per row instead of three steps.
-// NR > 0: exactly NR rows (compile time), NR == 0: nrows.
-template <int NR>
-void k3s2_row(const float* const* rows, const int32_t* kh, int64_t nrows, int64_t W, int64_t pW,
-              int64_t OW, float* out, uint8_t* off) {
+// Forward of a 3-wide window with column stride 2 (dilation 1), in two
+// passes. Horizontal, once per input row: for each output column ow, the max
+// of input columns 2 * ow - pW + kw (kw = 0, 1, 2; left padding skipped) and
+// its kw. Per 8 outputs, one deinterleaving load gives the taps kw = 1, 2
+// (columns c0 + 1 .. c0 + 16) and tap 0 is tap 2 shifted by one lane, with
+// column c0 (or -inf left of the input) in lane 0. A block whose last column
+// is past the input (right padding, ceil_mode) reads a -inf padded copy.
+// Vertical, once per output row: the rows' results merged in window-row
+// order. Max rule as torch (first max wins, the last NaN wins); it is
+// associative, so the row-then-column order gives torch's result, and an
+// input row shared by two windows (stride 2 < 3 rows) is reduced once.
+// OW >= 8 (blocks of 8 outputs; the last one overlaps and recomputes).
+void max_pool2d_k3s2_hrow_avx2(const float* row, int64_t W, int64_t pW, int64_t OW, float* hm,
+                               int32_t* hi) {
   const __m256i lane2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i up1 = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
   const __m256 ninf = _mm256_set1_ps(-__builtin_inff());
   const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
-  const int64_t nr = NR > 0 ? NR : nrows;
   auto block = [&](int64_t ow) {
     const int64_t c0 = 2 * ow - pW;
-    // Offset of each row's first in-input tap: kw0 = max(0, -(c0 + 2j)); in
-    // a lane whose tap 0 is left padding (-inf) that is tap 1, as torch.
+    // kw of the first in-input tap: max(0, -(c0 + 2j)); in a lane whose tap
+    // 0 is left padding (-inf) that is tap 1, as torch.
     const __m256i cj = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(c0)), lane2);
     const __m256i kw0 =
         _mm256_max_epi32(_mm256_setzero_si256(), _mm256_sub_epi32(_mm256_setzero_si256(), cj));
-    __m256 m = ninf;
-    __m256i idx = kw0;
     alignas(32) float pad[17];
     const bool right = c0 + 17 > W;  // column c0 + 16 is past the input
     const bool left = c0 < 0;
-    for (int64_t i = 0; i < nr; ++i) {
-      const float* p = rows[i] + c0;  // column c0 (read only when inside)
-      if (__builtin_expect(right, 0)) p = k3s2_pad_row(rows[i], c0, W, pad);
-      __m256 t1, t2;
-      Avx2::load_s2_pair(p + 1, t1, t2);
-      const __m256 first = !left || right ? _mm256_broadcast_ss(p) : ninf;
-      const __m256 t0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(t2, up1), first, 1);
-      const __m256i k = _mm256_set1_epi32(kh[i] * 3);
-      __m256 rm = t0;
-      __m256i ri = _mm256_add_epi32(k, kw0);
-      const __m256 u1 = Avx2::upd(t1, rm);
-      rm = _mm256_blendv_ps(rm, t1, u1);
-      ri = Avx2::blendi(ri, _mm256_add_epi32(k, one), u1);
-      const __m256 u2 = Avx2::upd(t2, rm);
-      rm = _mm256_blendv_ps(rm, t2, u2);
-      ri = Avx2::blendi(ri, _mm256_add_epi32(k, two), u2);
-      if (i == 0) {
-        m = rm;
-        idx = ri;
-      } else {
-        const __m256 u = Avx2::upd(rm, m);
-        m = _mm256_blendv_ps(m, rm, u);
-        idx = Avx2::blendi(idx, ri, u);
-      }
-    }
-    _mm256_storeu_ps(out + ow, m);
-    Avx2::store_u8(off + ow, idx);
+    const float* p = row + c0;  // column c0 (read only when inside)
+    if (__builtin_expect(right, 0)) p = k3s2_pad_row(row, c0, W, pad);
+    __m256 t1, t2;
+    Avx2::load_s2_pair(p + 1, t1, t2);
+    const __m256 first = !left || right ? _mm256_broadcast_ss(p) : ninf;
+    __m256 m = _mm256_blend_ps(_mm256_permutevar8x32_ps(t2, up1), first, 1);
+    __m256i idx = kw0;
+    const __m256 u1 = Avx2::upd(t1, m);
+    m = _mm256_blendv_ps(m, t1, u1);
+    idx = Avx2::blendi(idx, one, u1);
+    const __m256 u2 = Avx2::upd(t2, m);
+    m = _mm256_blendv_ps(m, t2, u2);
+    idx = Avx2::blendi(idx, two, u2);
+    _mm256_storeu_ps(hm + ow, m);
+    Avx2::store_i32(hi + ow, idx);
   };
   int64_t ow = 0;
   for (; ow + 8 <= OW; ow += 8) block(ow);
   if (ow < OW) block(OW - 8);  // overlapping tail: recomputes the same values
 }
 
-void max_pool2d_fwd_k3s2_row_avx2(const float* const* rows, const int32_t* kh, int64_t nrows,
-                                  int64_t W, int64_t pW, int64_t OW, float* out, uint8_t* off) {
-  if (nrows == 3) k3s2_row<3>(rows, kh, 3, W, pW, OW, out, off);
-  else if (nrows == 2) k3s2_row<2>(rows, kh, 2, W, pW, OW, out, off);
-  else k3s2_row<0>(rows, kh, nrows, W, pW, OW, out, off);
+// The vertical pass: nrows (>= 1) horizontal results hm[i], hi[i] of window
+// rows kh[i] (in order) -> output row and uint8 offsets kh * 3 + kw.
+void max_pool2d_k3s2_vmerge_avx2(const float* const* hm, const int32_t* const* hi,
+                                 const int32_t* kh, int64_t nrows, int64_t OW, float* out,
+                                 uint8_t* off) {
+  auto block = [&](int64_t ow) {
+    __m256 m = _mm256_loadu_ps(hm[0] + ow);
+    __m256i idx = _mm256_add_epi32(Avx2::loadi(hi[0] + ow), _mm256_set1_epi32(kh[0] * 3));
+    for (int64_t i = 1; i < nrows; ++i) {
+      const __m256 v = _mm256_loadu_ps(hm[i] + ow);
+      const __m256i vi = _mm256_add_epi32(Avx2::loadi(hi[i] + ow), _mm256_set1_epi32(kh[i] * 3));
+      const __m256 u = Avx2::upd(v, m);
+      m = _mm256_blendv_ps(m, v, u);
+      idx = Avx2::blendi(idx, vi, u);
+    }
+    _mm256_storeu_ps(out + ow, m);
+    Avx2::store_u8(off + ow, idx);
+  };
+  int64_t ow = 0;
+  for (; ow + 8 <= OW; ow += 8) block(ow);
+  if (ow < OW) block(OW - 8);
 }
 
 // dst[0, n) = src[0, n) with non-temporal stores for the whole 64-byte

@@ -54,11 +54,16 @@ void max_pool2d_fwd_k2s2_row_avx2(const float* r0, const float* r1, int64_t OW, 
                                   uint8_t* off);  // needs OW >= 8
 void max_pool2d_bwd_k2s2_row_avx2(const float* dy, const uint8_t* o, int64_t OW, float* x0,
                                   float* x1);
-// Forward of a 3-wide, column-stride-2 window (dilation 1) from the input
-// rows inside the window (rows[i] is window row kh[i]), one output row,
-// OW >= 8, uint8 offsets (AVX2; also used on AVX-512 CPUs).
-void max_pool2d_fwd_k3s2_row_avx2(const float* const* rows, const int32_t* kh, int64_t nrows,
-                                  int64_t W, int64_t pW, int64_t OW, float* out, uint8_t* off);
+// Forward of a 3-wide, column-stride-2 window (dilation 1), OW >= 8, uint8
+// offsets (AVX2; also used on AVX-512 CPUs), in two passes: hrow reduces one
+// input row over each output column's 3 taps (max, kw), once per input row;
+// vmerge merges the nrows rows inside a window (hm[i], hi[i] of window row
+// kh[i], in order) into an output row and its offsets.
+void max_pool2d_k3s2_hrow_avx2(const float* row, int64_t W, int64_t pW, int64_t OW, float* hm,
+                               int32_t* hi);
+void max_pool2d_k3s2_vmerge_avx2(const float* const* hm, const int32_t* const* hi,
+                                 const int32_t* kh, int64_t nrows, int64_t OW, float* out,
+                                 uint8_t* off);
 // dst = src (n bytes), non-temporal stores for dst's whole cache lines; the
 // caller issues _mm_sfence before the data is read by another thread.
 void max_pool2d_stream_copy_avx2(void* dst, const void* src, int64_t n);
