@@ -51,6 +51,16 @@ CASES = {
     # with zero padding (the forward problem's padding is then the largest).
     "dgrad_fwd_groups": (2, 6, 9, 8, 72, 3, 3, (1, 1), (1, 2), (1, 1), 2),
     "dgrad_fwd_dil_nopad": (2, 4, 10, 12, 36, 3, 2, (1, 1), (0, 1), (2, 1), 1),
+    "dgrad_fwd_kg1": (1, 32, 40, 44, 2, 7, 7, (1, 1), (3, 3), (1, 1), 2),
+    "dgrad_fwd_r1": (2, 4, 6, 40, 40, 1, 5, (1, 1), (0, 2), (1, 1), 1),
+    "dgrad_fwd_pad_limit": (2, 4, 8, 20, 36, 3, 3, (1, 1), (2, 2), (1, 1), 1),
+    "dgrad_pad_past_limit": (2, 4, 8, 20, 36, 3, 3, (1, 1), (3, 3), (1, 1), 1),
+    "dgrad_fwd_cut_rows_n1": (1, 8, 37, 45, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    # Planes smaller than one sliver (every fill masked at both ends), and
+    # P*Q == 1 through the im2col grad_weight (a rank-1 GEMM per image).
+    "tiny_plane": (2, 8, 3, 4, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "tiny_plane_row": (2, 8, 1, 20, 40, 1, 3, (1, 1), (0, 1), (1, 1), 1),
+    "wgrad_pq1": (2, 16, 5, 5, 40, 5, 5, (1, 1), (0, 0), (1, 1), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -169,7 +179,8 @@ def test_batch0_grads_are_zero():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("name", ["multi_tile_n1", "3x3p1", "depthwise", "cin1_lenet"])
+@pytest.mark.parametrize("name", ["multi_tile_n1", "3x3p1", "depthwise", "cin1_lenet",
+                                  "dgrad_fwd_cut_rows_n1"])
 def test_thread_counts(name, threads):
     """Serial, per-thread-chunk and uneven splits give the right answer and are
     bitwise repeatable for a fixed thread count."""
@@ -197,7 +208,9 @@ def test_every_isa(isa):
     fastlayers._C.set_isa(isa)
     try:
         for name in ("3x3p1", "pointwise", "groups2", "depthwise", "sliver_rows",
-                     "sliver_rows_dilated", "multi_tile_n3", "dgrad_fwd_groups"):
+                     "sliver_rows_dilated", "multi_tile_n3", "dgrad_fwd_groups",
+                     "dgrad_fwd_dil_nopad", "dgrad_fwd_kg1", "dgrad_fwd_cut_rows_n1",
+                     "tiny_plane", "wgrad_pq1"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

@@ -151,8 +151,8 @@ def test_gemm_core(isa, dtype, cl, accumulate, M, N, K):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prepack", [1, 2, 3])
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (23, 37, 41), (150, 90, 270), (13, 600, 530),
-                                   (300, 17, 700)])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (40, 50, 1), (23, 37, 41), (150, 90, 270),
+                                   (13, 600, 530), (300, 17, 700)])
 def test_gemm_core_prepacked(isa, dtype, prepack, M, N, K):
     """A and/or B packed once up front (as conv packs its weight) give the
     same C as packing inside the call; K > KC and ragged M, N edges included."""

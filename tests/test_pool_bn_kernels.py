@@ -491,7 +491,16 @@ def test_pool_k2s2_fast_paths(isa, hw, ceil_mode):
                                 (1, 20)])
 @pytest.mark.parametrize("case", [(3, 2, 1, 1, False), (3, 2, 1, 1, True), (3, 2, 0, 1, False),
                                   (3, 2, 0, 1, True), ((2, 3), (1, 2), (1, 1), (2, 1), False),
-                                  ((5, 3), (3, 2), (2, 1), (3, 1), True)], ids=str)
+                                  ((5, 3), (3, 2), (2, 1), (3, 1), True),
+                                  # window rows cached by input row (slot ih % kH when
+                                  # the row dilation is 1): shared by 2 or 3 windows,
+                                  # kH 1, 4 and 5, stride above the height, row dilation
+                                  ((3, 3), (1, 2), (1, 1), (1, 1), False),
+                                  ((4, 3), (1, 2), (2, 1), (1, 1), True),
+                                  ((5, 3), (2, 2), (2, 1), (1, 1), False),
+                                  ((1, 3), (1, 2), (0, 1), (1, 1), False),
+                                  ((2, 3), (3, 2), (0, 1), (1, 1), True),
+                                  ((3, 3), (1, 2), (1, 1), (2, 1), False)], ids=str)
 def test_pool_k3s2_fast_path(isa, hw, case):
     """3-wide windows with column stride 2 (ResNet's k3 s2 p1) read input rows
     directly (OW >= 8): values, argmax (ties, -inf, NaN), indices and

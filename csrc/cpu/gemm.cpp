@@ -317,23 +317,21 @@ void gemm_no_k(const GemmArgs<T>& g) {
   });
 }
 
-// K == 1, row-major C: C[i, :] = (accumulate ? C[i, :] : 0) + A[i, 0] B[0, :] + biases.
+// K == 1, row-major C, no biases: C[i, :] = (accumulate ? C[i, :] : 0) + A[i, 0] B[0, :],
+// bitwise what the micro-kernels give (a b rounded, then + c).
 template <typename T>
 void gemm_rank1(const GemmArgs<T>& g) {
   const int64_t grain = std::max<int64_t>(1, 32768 / g.N);
   at::parallel_for(0, g.M, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const T a = g.A[i * g.rsA];
-      const T bm = g.bias_m ? g.bias_m[i] : T(0);
       T* c = g.C + i * g.rsC;
       const T* b = g.B;
       const int64_t cs = g.csB;
       if (g.accumulate)
-        for (int64_t j = 0; j < g.N; ++j) c[j] += a * b[j * cs] + bm;
+        for (int64_t j = 0; j < g.N; ++j) c[j] += a * b[j * cs];
       else
-        for (int64_t j = 0; j < g.N; ++j) c[j] = a * b[j * cs] + bm;
-      if (g.bias_n)
-        for (int64_t j = 0; j < g.N; ++j) c[j] += g.bias_n[j];
+        for (int64_t j = 0; j < g.N; ++j) c[j] = a * b[j * cs];
     }
   });
 }
@@ -355,7 +353,7 @@ void gemm_impl(GemmArgs<T> g) {
   }
   // K == 1 (the grad_weight of a batch-1 Linear): a rank-1 update, written
   // row by row. Through the micro-kernels it would be all epilogue.
-  if (g.K == 1 && !prepacked && g.csC == 1) return gemm_rank1(g);
+  if (g.K == 1 && !prepacked && g.csC == 1 && !g.bias_m && !g.bias_n) return gemm_rank1(g);
   const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
   const int64_t MR = ks.MR, NR = ks.NR;
 
@@ -487,8 +485,9 @@ PackedBLayout gemm_packed_b_layout() {
 }
 template <typename T>
 void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
-                     int64_t sl) {
+                     int64_t sl, int64_t R) {
   const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  TORCH_CHECK(R == ks.NR, "fastlayers: the CPU kernel path changed during a convolution");
   if (ks.fill_b_row) return ks.fill_b_row(f, n, x, limit, row, sl, ks.NR);
   for (int64_t i = 0; i < n; ++i) {  // the reference the vector kernels match
     T* d = row + f[i].sliver * sl;
@@ -511,9 +510,9 @@ template int64_t gemm_packed_b_size<double>(int64_t, int64_t);
 template PackedBLayout gemm_packed_b_layout<float>();
 template PackedBLayout gemm_packed_b_layout<double>();
 template void gemm_fill_b_row<float>(const SliverFill*, int64_t, const float*, int64_t, float*,
-                                     int64_t);
+                                     int64_t, int64_t);
 template void gemm_fill_b_row<double>(const SliverFill*, int64_t, const double*, int64_t,
-                                      double*, int64_t);
+                                      double*, int64_t, int64_t);
 template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
 template void gemm_pack_b<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);

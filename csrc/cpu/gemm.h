@@ -88,11 +88,13 @@ struct SliverFill {
   int64_t src;
   int32_t l0, l1;
 };
-// For each of the n fills, the sliver row at row + f.sliver * sl (R lanes,
-// R = gemm_packed_b_layout<T>().R). x[0, limit) is readable memory: the
-// vector kernels may read any of it (and nothing else) to fill a sliver.
+// For each of the n fills, the sliver row at row + f.sliver * sl of R lanes,
+// R = gemm_packed_b_layout<T>().R as read by the caller when it sized its
+// buffer (checked against the active ISA's: another thread's set_isa in
+// between must fail, not overflow the buffer). x[0, limit) is readable
+// memory: the vector kernels may read any of it (and nothing else).
 template <typename T>
 void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
-                     int64_t sl);
+                     int64_t sl, int64_t R);
 
 }  // namespace fastlayers::cpu

@@ -118,7 +118,7 @@ void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
         const int64_t sl = packed ? R * std::min(L.KC, K - kb) : R;  // sliver stride
         T* const row = packed ? col + kb * Nr + (k - kb) * R : col + k * Nr;
         gemm_fill_b_row<T>(fills.data() + first_fill[rq], first_fill[rq + 1] - first_fill[rq],
-                           xc, s.HW(), row, sl);
+                           xc, s.HW(), row, sl, R);
         for (int64_t u = first_run[rq]; u < first_run[rq + 1]; ++u) {
           const Run& e = runs[u];
           T* d = row + e.sliver * sl + e.lane;

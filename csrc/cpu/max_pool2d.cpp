@@ -408,8 +408,8 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
           // follows in memory): the row-by-row walk over 4-8 KiB planes is
           // too short for the hardware prefetcher, and the loads stalled.
           const int64_t ih_hi = (oh + pfd) * g.sH - g.pH + (g.kH - 1) * g.dH;
-          const int64_t row0 = pl * H + std::max<int64_t>(ih_hi - g.sH + 1, 0);
           const int64_t row1 = std::min(pl * H + ih_hi + 1, e * H);
+          const int64_t row0 = std::min(pl * H + std::max<int64_t>(ih_hi - g.sH + 1, 0), row1);
           const char* p0 = reinterpret_cast<const char*>(x + row0 * W);
           const char* p1 = reinterpret_cast<const char*>(x + row1 * W);
           for (const char* q = p0; q < p1; q += 64) _mm_prefetch(q, _MM_HINT_T0);
