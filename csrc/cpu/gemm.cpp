@@ -491,8 +491,9 @@ void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, 
   if (ks.fill_b_row) return ks.fill_b_row(f, n, x, limit, row, sl, ks.NR);
   for (int64_t i = 0; i < n; ++i) {  // the reference the vector kernels match
     T* d = row + f[i].sliver * sl;
-    for (int j = 0; j < ks.NR; ++j)
-      d[j] = j >= f[i].l0 && j < f[i].l1 ? x[f[i].src + (j - f[i].l0)] : T(0);
+    if (i == 0 || f[i - 1].last)
+      for (int j = 0; j < ks.NR; ++j) d[j] = T(0);
+    for (int j = f[i].l0; j < f[i].l1; ++j) d[j] = x[f[i].src + (j - f[i].l0)];
   }
 }
 template <typename T>

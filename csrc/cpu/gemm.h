@@ -79,16 +79,19 @@ struct PackedBLayout {
 template <typename T>
 PackedBLayout gemm_packed_b_layout();
 
-// One row k of one packed-B sliver, filled from a contiguous source run (a
-// producer such as im2col writing straight into the packed layout): lanes
-// [l0, l1) get x[src], x[src + 1], ..., x[src + l1 - l0 - 1]; the other
-// lanes of the sliver get zero (l0 == l1: all zero, x not read).
+// One row k of one packed-B sliver, filled from contiguous source runs (a
+// producer such as im2col writing straight into the packed layout): a
+// sliver is described by one or more consecutive SliverFills (the last one
+// has last = true), each giving lanes [l0, l1) the values x[src],
+// x[src + 1], ..., x[src + l1 - l0 - 1]; lanes no fill names get zero. The
+// fills of one sliver name disjoint lanes (l0 == l1: none, x not read).
 struct SliverFill {
   int64_t sliver;
   int64_t src;
   int32_t l0, l1;
+  bool last;
 };
-// For each of the n fills, the sliver row at row + f.sliver * sl of R lanes,
+// For the slivers the n fills describe, the sliver row at row + f.sliver * sl of R lanes,
 // R = gemm_packed_b_layout<T>().R as read by the caller when it sized its
 // buffer (checked against the active ISA's: another thread's set_isa in
 // between must fail, not overflow the buffer). x[0, limit) is readable

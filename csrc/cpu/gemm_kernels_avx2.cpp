@@ -204,36 +204,42 @@ void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* ds
     for (int j = 0; j < nr; ++j) dst[k * nr + j] = src[j * ld + k];
 }
 
-// Lanes outside [l0, l1) are zeroed. A sliver whose whole R-lane span lies
-// in x[0, limit) is read with plain loads and masked with an AND; one that
-// reaches past either end (the first or last pixels of a plane) with masked
-// loads, which read nothing outside [l0, l1) (and are slower on AMD).
+// A sliver is built in registers, 8 lanes at a time, as the OR of its fills'
+// loads (each zero outside its lanes), and stored once. A fill whose whole
+// R-lane span lies in x[0, limit) is read with plain loads and masked with
+// an AND; one that reaches past either end (the first or last pixels of a
+// plane) with masked loads, which read nothing outside [l0, l1) (and are
+// slower on AMD). A sliver of one fill of all R lanes is a plain copy.
 void fill_b_row_f32_avx2(const SliverFill* f, int64_t n, const float* x, int64_t limit,
                          float* row, int64_t sl, int R) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t i = 0; i < n; ++i) {
+  auto part = [&](const SliverFill& e, int h) {  // lanes h .. h + 7 of fill e
+    const __m256i lo = _mm256_set1_epi32(e.l0 - h - 1), hi = _mm256_set1_epi32(e.l1 - h);
+    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(lane, lo), _mm256_cmpgt_epi32(hi, lane));
+    const int64_t start = e.src - e.l0;  // source of lane 0 (may be < 0)
+    if (start >= 0 && start + R <= limit)
+      return _mm256_and_ps(_mm256_loadu_ps(x + start + h), _mm256_castsi256_ps(m));
+    if (_mm256_testz_si256(m, m)) return _mm256_setzero_ps();
+    // The address of lane 0 may lie before x: form it as an integer.
+    const uintptr_t p = reinterpret_cast<uintptr_t>(x) +
+                        static_cast<uintptr_t>((start + h) * int64_t(sizeof(float)));
+    return _mm256_maskload_ps(reinterpret_cast<const float*>(p), m);
+  };
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i;  // fills [i, j] describe one sliver
+    while (!f[j].last && j + 1 < n) ++j;
     float* d = row + f[i].sliver * sl;
-    const int l0 = f[i].l0, l1 = f[i].l1;
-    const int64_t start = f[i].src - l0;  // source of lane 0 (may be < 0)
-    if (l0 == 0 && l1 == R) {
-      for (int h = 0; h < R; h += 8) _mm256_storeu_ps(d + h, _mm256_loadu_ps(x + start + h));
-      continue;
-    }
-    const bool inside = start >= 0 && start + R <= limit;
-    for (int h = 0; h < R; h += 8) {
-      const __m256i lo = _mm256_set1_epi32(l0 - h - 1), hi = _mm256_set1_epi32(l1 - h);
-      const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(lane, lo), _mm256_cmpgt_epi32(hi, lane));
-      __m256 v = _mm256_setzero_ps();
-      if (inside) {
-        v = _mm256_and_ps(_mm256_loadu_ps(x + start + h), _mm256_castsi256_ps(m));
-      } else if (!_mm256_testz_si256(m, m)) {
-        // The address of lane 0 may lie before x: form it as an integer.
-        const uintptr_t p = reinterpret_cast<uintptr_t>(x) +
-                            static_cast<uintptr_t>((start + h) * int64_t(sizeof(float)));
-        v = _mm256_maskload_ps(reinterpret_cast<const float*>(p), m);
+    if (i == j && f[i].l0 == 0 && f[i].l1 == R) {
+      const float* s = x + f[i].src;
+      for (int h = 0; h < R; h += 8) _mm256_storeu_ps(d + h, _mm256_loadu_ps(s + h));
+    } else {
+      for (int h = 0; h < R; h += 8) {
+        __m256 v = part(f[i], h);
+        for (int64_t q = i + 1; q <= j; ++q) v = _mm256_or_ps(v, part(f[q], h));
+        _mm256_storeu_ps(d + h, v);
       }
-      _mm256_storeu_ps(d + h, v);
     }
+    i = j + 1;
   }
 }
 

@@ -41,10 +41,9 @@ void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
   const int64_t Nr = (n + R - 1) / R * R;
   // Which input element (or zero) each lane gets depends on (r, q) and the
   // pixel, not on the channel: so describe each (r, q) row once, then replay
-  // the description for every channel. A sliver whose lanes read one
-  // contiguous input run (stride 1, within one output row; zeros around it)
-  // is one SliverFill (vector masked loads); any other sliver is a list of
-  // runs that never cross it.
+  // the description for every channel. With stride 1 a sliver is a few
+  // SliverFills (one per output row it covers: vector loads, see
+  // gemm_fill_b_row); with other strides a list of runs that never cross it.
   struct Run {
     int64_t sliver, lane, len;
     int64_t src;  // offset in the channel plane, or -1: zeros
@@ -52,20 +51,19 @@ void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
   std::vector<Run> runs, sliver_runs;
   std::vector<SliverFill> fills;
   std::vector<int64_t> first_run(RS + 1), first_fill(RS + 1);
-  // Moves the runs of one sliver from sliver_runs to fills or runs.
+  // Moves the runs of one sliver from sliver_runs to fills (stride 1: one
+  // fill per data run, each a contiguous source; an all-zero sliver is one
+  // empty fill) or to runs (other strides).
   auto flush = [&]() {
     if (sliver_runs.empty()) return;
-    int data = 0;
-    for (const Run& e : sliver_runs) data += e.src >= 0;
-    if (s.sW == 1 && data <= 1) {
-      SliverFill f{sliver_runs[0].sliver, 0, 0, 0};
+    if (s.sW == 1) {
+      const size_t begin = fills.size();
       for (const Run& e : sliver_runs)
-        if (e.src >= 0) {
-          f.src = e.src;
-          f.l0 = static_cast<int32_t>(e.lane);
-          f.l1 = static_cast<int32_t>(e.lane + e.len);
-        }
-      fills.push_back(f);
+        if (e.src >= 0)
+          fills.push_back({e.sliver, e.src, static_cast<int32_t>(e.lane),
+                           static_cast<int32_t>(e.lane + e.len), false});
+      if (fills.size() == begin) fills.push_back({sliver_runs[0].sliver, 0, 0, 0, false});
+      fills.back().last = true;
     } else {
       runs.insert(runs.end(), sliver_runs.begin(), sliver_runs.end());
     }
@@ -124,9 +122,6 @@ void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
           T* d = row + e.sliver * sl + e.lane;
           if (e.src < 0) {
             for (int64_t i = 0; i < e.len; ++i) d[i] = T(0);
-          } else if (s.sW == 1) {
-            const T* src = xc + e.src;
-            for (int64_t i = 0; i < e.len; ++i) d[i] = src[i];
           } else if (s.sW == 2) {  // constant stride: the compiler vectorises the gather
             const T* src = xc + e.src;
             for (int64_t i = 0; i < e.len; ++i) d[i] = src[2 * i];
