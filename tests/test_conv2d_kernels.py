@@ -61,6 +61,12 @@ CASES = {
     "tiny_plane": (2, 8, 3, 4, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "tiny_plane_row": (2, 8, 1, 20, 40, 1, 3, (1, 1), (0, 1), (1, 1), 1),
     "wgrad_pq1": (2, 16, 5, 5, 40, 5, 5, (1, 1), (0, 0), (1, 1), 1),
+    # The flat direct kernels (Kg <= 32, stride 1, float NCHW) on larger
+    # planes: ~290 KiB per image (all three passes direct), ~830 KiB
+    # (forward and grad_weight direct, grad_input the GEMM path), dilated.
+    "small_plane_290k": (2, 16, 40, 44, 24, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "small_plane_830k": (1, 32, 56, 56, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "small_plane_dilated": (2, 8, 50, 60, 16, 3, 3, (1, 1), (2, 2), (2, 2), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}

@@ -82,8 +82,10 @@ void direct_grad_weight_nhwc(const ConvShape& s, const T* dy, const T* x, T* dw)
 
 // Flat direct kernels for small NCHW float convs with Cg > 1 and stride 1
 // (conv2d_small.cpp, AVX2: callers also check active_isa() != Scalar).
-// They overwrite y, dx, dw and db (db may be null).
-bool small_conv_ok(const ConvShape& s);
+// They overwrite y, dx, dw and db (db may be null). small_conv_ok: the shape
+// suits them and one image's padded input planes and outputs take at most
+// `budget` bytes (their per-thread workspace is about that).
+bool small_conv_ok(const ConvShape& s, int64_t budget);
 void small_forward_nchw(const ConvShape& s, const float* x, const float* w, const float* b,
                         float* y);
 void small_grad_input_nchw(const ConvShape& s, const float* dy, const float* w, float* dx);

@@ -374,11 +374,11 @@ void grad_weight_images_cl(const ConvShape& s, const Flat& f, const float* dy, c
 
 }  // namespace
 
-bool small_conv_ok(const ConvShape& s) {
+bool small_conv_ok(const ConvShape& s, int64_t budget) {
   if (s.sH != 1 || s.sW != 1 || s.Cg < 2 || s.Kg > 32) return false;
   const Flat f(s);
-  // One image's padded planes and outputs stay well inside L2.
-  return (s.Cg * f.L + s.Kg * f.T) * 4 <= 96 * 1024 && s.CgRS() <= 1024;
+  // One image's padded planes and outputs within the budget (L2 sized).
+  return (s.Cg * f.L + s.Kg * f.T) * 4 <= budget && s.CgRS() <= 1024;
 }
 
 void small_forward_nchw(const ConvShape& s, const float* x, const float* w, const float* b,
