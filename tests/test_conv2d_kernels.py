@@ -67,6 +67,9 @@ CASES = {
     "small_plane_290k": (2, 16, 40, 44, 24, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "small_plane_830k": (1, 32, 56, 56, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "small_plane_dilated": (2, 8, 50, 60, 16, 3, 3, (1, 1), (2, 2), (2, 2), 1),
+    # A weight over 2 MiB: grad_weight without per-thread partial copies (the
+    # GEMMs parallelise inside), grad_input without the flipped-weight path.
+    "big_weight": (3, 256, 5, 6, 288, 3, 3, (1, 1), (1, 1), (1, 1), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -186,7 +189,7 @@ def test_batch0_grads_are_zero():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("name", ["multi_tile_n1", "3x3p1", "depthwise", "cin1_lenet",
-                                  "dgrad_fwd_cut_rows_n1"])
+                                  "dgrad_fwd_cut_rows_n1", "big_weight"])
 def test_thread_counts(name, threads):
     """Serial, per-thread-chunk and uneven splits give the right answer and are
     bitwise repeatable for a fixed thread count."""
