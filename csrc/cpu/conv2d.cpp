@@ -374,7 +374,7 @@ bool small_grad_weight(const ConvShape& s, bool on, const T* dy, const T* x, T* 
 // into dX: no column buffer, no col2im, no zeroing of dX), whose GEMM
 // reduces over Kg*R*S instead of only Kg. Needs that padding to be >= 0.
 // The flipped weight is a weight-sized workspace, so only for weights up to
-// kDgradFlipBytes (16x512x7x7 -> 512, a 9 MiB weight: the GEMM path was 1.12x
+// kDgradFlipBytes (16x512x7x7 -> 512, a 9 MiB weight: the col2im path was 1.12x
 // faster in fwd+bwd and its step peak 17 MiB instead of 34 MiB).
 constexpr int64_t kDgradFlipBytes = int64_t(2) << 20;
 
