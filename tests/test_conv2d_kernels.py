@@ -70,6 +70,9 @@ CASES = {
     # A weight over 2 MiB: grad_weight without per-thread partial copies (the
     # GEMMs parallelise inside), grad_input without the flipped-weight path.
     "big_weight": (3, 256, 5, 6, 288, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    # 7x7 output planes: the NCHW forward runs through the NHWC GEMM.
+    "planes_7x7": (2, 48, 7, 7, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "planes_7x7_groups": (3, 48, 9, 9, 80, 3, 3, (1, 1), (0, 0), (1, 1), 2),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -219,7 +222,7 @@ def test_every_isa(isa):
         for name in ("3x3p1", "pointwise", "groups2", "depthwise", "sliver_rows",
                      "sliver_rows_dilated", "multi_tile_n3", "dgrad_fwd_groups",
                      "dgrad_fwd_dil_nopad", "dgrad_fwd_kg1", "dgrad_fwd_cut_rows_n1",
-                     "tiny_plane", "wgrad_pq1"):
+                     "tiny_plane", "wgrad_pq1", "planes_7x7_groups"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

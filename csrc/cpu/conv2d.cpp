@@ -364,6 +364,16 @@ bool small_grad_weight(const ConvShape& s, bool on, const T* dy, const T* x, T* 
   return false;
 }
 
+// An NCHW forward whose output planes are small: its GEMM has the pixels on
+// the 16-lane side, and a plane of 49 pixels (7x7) fills 64 lanes, so 23 % of
+// the multiply-adds are padding. It runs in NHWC instead, pixels in 6-row
+// micro-tiles (54 rows for 49). In-process A/B with the layout copies, 2
+// threads: 1.10-1.19x on 7x7 planes with 128-512 channels.
+bool nchw_via_nhwc(const ConvShape& s) {
+  const int64_t PQ = s.PQ(), lanes = divup(PQ, 16) * 16;
+  return s.Cg > 1 && PQ < 256 && lanes * 8 > PQ * 9;  // over 1/9 of the lanes padding
+}
+
 // ------------------------------------------- grad_input as a forward conv
 
 // With stride 1, grad_input is the forward convolution of dY with the
@@ -502,7 +512,19 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
       if (cl) cpu::direct_forward_nhwc(s, xp, wp, bp, yp);
       else cpu::direct_forward_nchw(s, xp, wp, bp, yp);
     } else if (!small_forward(s, use_small(s, cl, input.scalar_type()), xp, wp, bp, yp)) {
-      forward_gemm(s, cl, xp, wp, bp, yp);
+      if (!cl && nchw_via_nhwc(s)) {
+        // Small planes: the NHWC GEMM puts pixels on the 6-row side of the
+        // micro-tile instead of the 16-lane one; the layout copies are cheap.
+        const at::Tensor xl = x.contiguous(at::MemoryFormat::ChannelsLast);
+        const at::Tensor wl = w.contiguous(at::MemoryFormat::ChannelsLast);
+        at::Tensor yl = cpu::empty({s.N, s.K, s.P, s.Q},
+                                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
+        forward_gemm(s, true, xl.const_data_ptr<scalar_t>(), wl.const_data_ptr<scalar_t>(), bp,
+                     yl.mutable_data_ptr<scalar_t>());
+        out.copy_(yl);
+      } else {
+        forward_gemm(s, cl, xp, wp, bp, yp);
+      }
     }
   });
   return out;
