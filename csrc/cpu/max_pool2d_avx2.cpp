@@ -54,6 +54,12 @@ struct Avx2 {
     return _mm256_castps_si256(
         _mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), u));
   }
+  // Running max step, torch's rule: (m, idx) take (v, vi) where v > m or v is NaN.
+  static void take(V v, I vi, V& m, I& idx) {
+    const M u = upd(v, m);
+    m = blend(m, v, u);
+    idx = blendi(idx, vi, u);
+  }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store_i32(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static void store_u8(uint8_t* p, I v) {
@@ -117,14 +123,9 @@ void max_pool2d_fwd_k2s2_row_avx2(const float* r0, const float* r1, int64_t OW, 
     Avx2::load_s2_pair(r1 + 2 * ow, c, d);
     __m256 m = a;
     __m256i idx = _mm256_setzero_si256();
-    auto step = [&](__m256 v, int k) {
-      const __m256 u = Avx2::upd(v, m);
-      m = _mm256_blendv_ps(m, v, u);
-      idx = Avx2::blendi(idx, _mm256_set1_epi32(k), u);
-    };
-    step(b, 1);
-    step(c, 2);
-    step(d, 3);
+    Avx2::take(b, _mm256_set1_epi32(1), m, idx);
+    Avx2::take(c, _mm256_set1_epi32(2), m, idx);
+    Avx2::take(d, _mm256_set1_epi32(3), m, idx);
     _mm256_storeu_ps(out + ow, m);
     Avx2::store_u8(off + ow, idx);
   };
@@ -180,12 +181,8 @@ void max_pool2d_k3s2_hrow_avx2(const float* row, int64_t W, int64_t pW, int64_t 
     const __m256 first = !left || right ? _mm256_broadcast_ss(p) : ninf;
     __m256 m = _mm256_blend_ps(_mm256_permutevar8x32_ps(t2, up1), first, 1);
     __m256i idx = kw0;
-    const __m256 u1 = Avx2::upd(t1, m);
-    m = _mm256_blendv_ps(m, t1, u1);
-    idx = Avx2::blendi(idx, one, u1);
-    const __m256 u2 = Avx2::upd(t2, m);
-    m = _mm256_blendv_ps(m, t2, u2);
-    idx = Avx2::blendi(idx, two, u2);
+    Avx2::take(t1, one, m, idx);
+    Avx2::take(t2, two, m, idx);
     _mm256_storeu_ps(hm + ow, m);
     Avx2::store_i32(hi + ow, idx);
   };
@@ -205,9 +202,7 @@ void max_pool2d_k3s2_vmerge_avx2(const float* const* hm, const int32_t* const* h
     for (int64_t i = 1; i < nrows; ++i) {
       const __m256 v = _mm256_loadu_ps(hm[i] + ow);
       const __m256i vi = _mm256_add_epi32(Avx2::loadi(hi[i] + ow), _mm256_set1_epi32(kh[i] * 3));
-      const __m256 u = Avx2::upd(v, m);
-      m = _mm256_blendv_ps(m, v, u);
-      idx = Avx2::blendi(idx, vi, u);
+      Avx2::take(v, vi, m, idx);
     }
     _mm256_storeu_ps(out + ow, m);
     Avx2::store_u8(off + ow, idx);
