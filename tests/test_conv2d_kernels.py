@@ -73,6 +73,12 @@ CASES = {
     # 7x7 output planes: the NCHW forward runs through the NHWC GEMM.
     "planes_7x7": (2, 48, 7, 7, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "planes_7x7_groups": (3, 48, 9, 9, 80, 3, 3, (1, 1), (0, 0), (1, 1), 2),
+    # NCHW with Cg >= 16: forward (and the stride-1 grad_input run as a
+    # forward conv) through the NHWC GEMM with per-image transposes; pixel
+    # counts and Kg off the 6 x 16 micro-tile, groups, stride 2, 3 images.
+    "via_nhwc_k40": (3, 24, 10, 9, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "via_nhwc_groups_s2": (3, 32, 11, 13, 24, 3, 3, (2, 2), (1, 1), (1, 1), 2),
+    "via_nhwc_dil_5x3": (2, 16, 12, 11, 36, 5, 3, (1, 1), (2, 1), (2, 1), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -192,7 +198,7 @@ def test_batch0_grads_are_zero():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("name", ["multi_tile_n1", "3x3p1", "depthwise", "cin1_lenet",
-                                  "dgrad_fwd_cut_rows_n1", "big_weight"])
+                                  "dgrad_fwd_cut_rows_n1", "big_weight", "via_nhwc_k40"])
 def test_thread_counts(name, threads):
     """Serial, per-thread-chunk and uneven splits give the right answer and are
     bitwise repeatable for a fixed thread count."""
@@ -222,7 +228,8 @@ def test_every_isa(isa):
         for name in ("3x3p1", "pointwise", "groups2", "depthwise", "sliver_rows",
                      "sliver_rows_dilated", "multi_tile_n3", "dgrad_fwd_groups",
                      "dgrad_fwd_dil_nopad", "dgrad_fwd_kg1", "dgrad_fwd_cut_rows_n1",
-                     "tiny_plane", "wgrad_pq1", "planes_7x7_groups"):
+                     "tiny_plane", "wgrad_pq1", "planes_7x7_groups", "via_nhwc_k40",
+                     "via_nhwc_groups_s2"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

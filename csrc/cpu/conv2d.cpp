@@ -28,7 +28,9 @@
 //   ntiles = ceil(P*Q / tmax), raised to a multiple of the thread count (at
 //            most P*Q / 64) when N * groups < threads and P*Q >= 128
 //   tile   = min(P*Q, roundup16(ceil(P*Q / ntiles)))
-// and none for pointwise convs or the Cg == 1 direct kernels. So <= ~budget
+// and none for pointwise convs or the Cg == 1 direct kernels. An NCHW forward
+// run through the NHWC GEMM (via_nhwc) adds per thread the transposed image,
+// C*H*W elements (at most 2 MiB), and a Kg x tile result buffer. So <= ~budget
 // per thread unless CgRS * 64 * sizeof(T) > budget, where the 64-pixel floor wins.
 // E.g. float, 2 threads, forward: 32x64x32x32 k3p1 -> 576 x 208 = 468 KiB/thread,
 // (grad_weight: 576 x 352 = 792 KiB); 16x3x224x224 k7s2p3 -> 147 x 848 = 487
@@ -125,24 +127,50 @@ struct PackedWeight {
 
 // ---------------------------------------------------------------- forward
 
+// via_nhwc: NCHW x and y, but the NHWC formulation (w is then channels-last,
+// [K, R, S, Cg]; see via_nhwc()): each image is transposed to [HW, C] in a
+// per-thread buffer, im2col'd in NHWC order (contiguous runs of Cg), and
+// each tile's [pixels, Kg] result is transposed into the NCHW output. (The
+// micro-kernels' transposed store straight into Y measured no faster than the
+// NCHW path: on 32x32 planes its 16 channel runs lie 4 KiB apart, one L1 set.)
 template <typename T>
-void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y) {
+void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y,
+                  bool via_nhwc = false) {
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
   const bool pw = s.pointwise();
+  const bool nhwc = cl || via_nhwc;
   const int64_t tile = pixel_tile(s, sizeof(T), true, kColBudgetBytesFwd), ntiles = divup(PQ, tile);
   // NCHW: A = W_g; NHWC: B = W_g^T.
-  const PackedWeight<T> wpk(s, s.N * ntiles, !cl, cl, w);
+  const PackedWeight<T> wpk(s, s.N * ntiles, !nhwc, nhwc, w);
   // NCHW: im2col writes the GEMM's packed-B layout directly.
   const cpu::PackedBLayout lay = cpu::gemm_packed_b_layout<T>();
-  const int64_t col_elems = pw ? 0 : cl ? rowlen * tile : cpu::gemm_packed_b_size<T>(rowlen, tile);
+  const int64_t col_elems =
+      pw ? 0 : nhwc ? rowlen * tile : cpu::gemm_packed_b_size<T>(rowlen, tile);
   cpu::run_chunks(s.N * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
     cpu::AlignedVector<T> col(col_elems);
+    cpu::AlignedVector<T> xt(via_nhwc ? s.C * HW : 0), yt(via_nhwc ? s.Kg * tile : 0);
+    int64_t xt_image = -1;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
       const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
       GemmArgs<T> a;
       a.K = rowlen;
-      if (!cl) {
+      if (via_nhwc) {
+        if (n != xt_image) {
+          cpu::gemm_transpose<T>(s.C, HW, x + n * s.C * HW, HW, xt.data(), s.C);
+          xt_image = n;
+        }
+        a.M = pn; a.N = s.Kg;
+        cpu::im2col_nhwc(s, xt.data() + g * s.Cg, p0, p1, col.data());
+        a.A = col.data(); a.rsA = rowlen; a.csA = 1;
+        a.B = w + g * s.Kg * rowlen; a.rsB = 1; a.csB = rowlen;
+        a.packed_B = wpk.group(g);
+        a.bias_n = b ? b + g * s.Kg : nullptr;
+        a.C = yt.data(); a.rsC = s.Kg; a.csC = 1;
+        cpu::gemm(a);
+        cpu::gemm_transpose<T>(pn, s.Kg, yt.data(), s.Kg, y + (n * s.K + g * s.Kg) * PQ + p0, PQ);
+        continue;
+      } else if (!cl) {
         const T* xg = x + (n * s.C + g * s.Cg) * HW;
         a.M = s.Kg; a.N = pn;
         a.A = w + g * s.Kg * rowlen; a.rsA = rowlen; a.csA = 1;
@@ -366,12 +394,29 @@ bool small_grad_weight(const ConvShape& s, bool on, const T* dy, const T* x, T* 
 
 // An NCHW forward whose output planes are small: its GEMM has the pixels on
 // the 16-lane side, and a plane of 49 pixels (7x7) fills 64 lanes, so 23 % of
-// the multiply-adds are padding. It runs in NHWC instead, pixels in 6-row
-// micro-tiles (54 rows for 49). In-process A/B with the layout copies, 2
-// threads: 1.10-1.19x on 7x7 planes with 128-512 channels.
+// the multiply-adds are padding. It runs in NHWC instead (via_nhwc below),
+// pixels in 6-row micro-tiles (54 rows for 49). In-process A/B (then with
+// whole-tensor layout copies), 2 threads: 1.10-1.19x on 7x7 planes with
+// 128-512 channels.
 bool nchw_via_nhwc(const ConvShape& s) {
   const int64_t PQ = s.PQ(), lanes = divup(PQ, 16) * 16;
   return s.Cg > 1 && PQ < 256 && lanes * 8 > PQ * 9;  // over 1/9 of the lanes padding
+}
+
+// An NCHW forward (or stride-1 grad_input run as one) with Cg >= 16 runs
+// the NHWC formulation with in-cache layout transposes (forward_gemm's
+// via_nhwc): its im2col copies runs of Cg channels, where the NCHW one
+// builds 16-pixel slivers from shifted rows, which on 32x32 planes took a
+// third as long as the GEMM itself. In-process A/B, 2 threads: forward
+// 1.00-1.30x (32x64x32x32 1.11, 8x64x56x56 1.10, 16x32x28x28 s2 1.22),
+// stride-1 grad_input 1.00-1.88x; no shape tried was slower. Images over
+// kViaImageBytes stay NCHW (the transposed image is a per-thread buffer).
+constexpr int64_t kViaImageBytes = int64_t(2) << 20;
+
+template <typename T>
+bool via_nhwc(const ConvShape& s) {
+  return !s.pointwise() && (s.Cg >= 16 || nchw_via_nhwc(s)) &&
+         s.C * s.HW() * int64_t(sizeof(T)) <= kViaImageBytes;
 }
 
 // ------------------------------------------- grad_input as a forward conv
@@ -512,16 +557,9 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
       if (cl) cpu::direct_forward_nhwc(s, xp, wp, bp, yp);
       else cpu::direct_forward_nchw(s, xp, wp, bp, yp);
     } else if (!small_forward(s, use_small(s, cl, input.scalar_type()), xp, wp, bp, yp)) {
-      if (!cl && nchw_via_nhwc(s)) {
-        // Small planes: the NHWC GEMM puts pixels on the 6-row side of the
-        // micro-tile instead of the 16-lane one; the layout copies are cheap.
-        const at::Tensor xl = x.contiguous(at::MemoryFormat::ChannelsLast);
+      if (!cl && via_nhwc<scalar_t>(s)) {
         const at::Tensor wl = w.contiguous(at::MemoryFormat::ChannelsLast);
-        at::Tensor yl = cpu::empty({s.N, s.K, s.P, s.Q},
-                                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
-        forward_gemm(s, true, xl.const_data_ptr<scalar_t>(), wl.const_data_ptr<scalar_t>(), bp,
-                     yl.mutable_data_ptr<scalar_t>());
-        out.copy_(yl);
+        forward_gemm(s, false, xp, wl.const_data_ptr<scalar_t>(), bp, yp, true);
       } else {
         forward_gemm(s, cl, xp, wp, bp, yp);
       }
@@ -555,13 +593,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   if (mask[0]) {
     const auto opts = input.options().memory_format(fmt);
     const bool as_fwd = !direct && !small_gi && dgrad_as_forward(s, input.element_size());
+    bool via = false;  // the forward problem through the NHWC GEMM
+    if (as_fwd && !cl) {
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_route", [&] {
+        via = via_nhwc<scalar_t>(dgrad_forward_shape(s));
+      });
+    }
     const bool overwrite = work && (direct || small_gi || as_fwd || s.pointwise()) && s.C > 0;
     // (at::zeros would drop the memory format.)
     gi = cpu::empty({s.N, s.C, s.H, s.W}, opts);
     if (!overwrite) gi.zero_();
     if (work && s.C > 0) {
       w = direct ? weight.contiguous()
-          : as_fwd ? dgrad_forward_weight(weight, s, fmt)
+          : as_fwd ? dgrad_forward_weight(weight, s, via ? at::MemoryFormat::ChannelsLast : fmt)
                    : weight.contiguous(fmt);
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_grad_input", [&] {
         const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -572,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
           else cpu::direct_grad_input_nchw(s, dyp, wp, dxp);
         } else if (as_fwd) {
           forward_gemm(dgrad_forward_shape(s), cl, dyp, wp, static_cast<const scalar_t*>(nullptr),
-                       dxp);
+                       dxp, via);
         } else if (!small_grad_input(s, small_gi, dyp, wp, dxp)) {
           grad_input_gemm(s, cl, dyp, wp, dxp);
         }

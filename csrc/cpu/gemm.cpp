@@ -497,6 +497,16 @@ void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, 
   }
 }
 template <typename T>
+void gemm_transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
+  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  if (ks.transpose) return ks.transpose(rows, cols, src, lds, dst, ldd);
+  constexpr int64_t kB = 32;  // the reference: 32 x 32 blocks
+  for (int64_t i0 = 0; i0 < rows; i0 += kB)
+    for (int64_t j0 = 0; j0 < cols; j0 += kB)
+      for (int64_t i = i0; i < std::min(rows, i0 + kB); ++i)
+        for (int64_t j = j0; j < std::min(cols, j0 + kB); ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+template <typename T>
 void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst) {
   gemm_detail::pack_all(true, M, K, A, rsA, csA, dst);
 }
@@ -514,6 +524,8 @@ template void gemm_fill_b_row<float>(const SliverFill*, int64_t, const float*, i
                                      int64_t, int64_t);
 template void gemm_fill_b_row<double>(const SliverFill*, int64_t, const double*, int64_t,
                                       double*, int64_t, int64_t);
+template void gemm_transpose<float>(int64_t, int64_t, const float*, int64_t, float*, int64_t);
+template void gemm_transpose<double>(int64_t, int64_t, const double*, int64_t, double*, int64_t);
 template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
 template void gemm_pack_b<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);

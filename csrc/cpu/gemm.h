@@ -55,6 +55,11 @@ struct GemmArgs {
 void gemm(const GemmArgs<float>& a);
 void gemm(const GemmArgs<double>& a);
 
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (e.g. an NCHW
+// image [C, HW] to [HW, C]). Vectorised for float on AVX2 and up.
+template <typename T>
+void gemm_transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd);
+
 // Pre-packing an operand that many GEMMs share (a conv weight, over images
 // and pixel tiles): packed once per op instead of once per GEMM call.
 // *_size: elements of the packed buffer; the pack functions parallelise.

@@ -75,6 +75,11 @@ template <typename T>
 using FillBRow = void (*)(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
                           int64_t sl, int R);
 
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols.
+template <typename T>
+using Transpose = void (*)(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst,
+                           int64_t ldd);
+
 template <typename T>
 struct KernelSet {
   int MR = 0, NR = 0;
@@ -85,6 +90,7 @@ struct KernelSet {
   bool store_t = false;                // the kernels honour Tile::c_trans
   DotKernel<T> dot = nullptr;          // may be null
   FillBRow<T> fill_b_row = nullptr;    // may be null
+  Transpose<T> transpose = nullptr;    // may be null
 };
 
 // Defined in gemm_kernels_avx2.cpp / gemm_kernels_avx512.cpp. Only call the
@@ -94,6 +100,8 @@ void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* ds
 void gemm_dot_f32_avx2(const DotArgs<float>& g);
 void fill_b_row_f32_avx2(const SliverFill* f, int64_t n, const float* x, int64_t limit,
                          float* row, int64_t sl, int R);
+void transpose_f32_avx2(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
+                        int64_t ldd);
 KernelSet<double> avx2_kernels_f64();
 KernelSet<float> avx512_kernels_f32();
 KernelSet<double> avx512_kernels_f64();

@@ -7,6 +7,7 @@
 // source (Linear forward: B = W^T).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -243,6 +244,30 @@ void fill_b_row_f32_avx2(const SliverFill* f, int64_t n, const float* x, int64_t
   }
 }
 
+// 8x8 register transposes over blocks of 64 columns (the destination rows
+// of a block, 64 x rows elements, are written while in cache).
+void transpose_f32_avx2(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
+                        int64_t ldd) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+    const int64_t j1 = std::min(cols, j0 + kBlock);
+    int64_t i = 0;
+    for (; i + 8 <= rows; i += 8) {
+      int64_t j = j0;
+      for (; j + 8 <= j1; j += 8) {
+        __m256 r[8];
+        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src + (i + q) * lds + j);
+        transpose8(r);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (j + q) * ldd + i, r[q]);
+      }
+      for (; j < j1; ++j)
+        for (int q = 0; q < 8; ++q) dst[j * ldd + i + q] = src[(i + q) * lds + j];
+    }
+    for (; i < rows; ++i)
+      for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = src[i * lds + j];
+  }
+}
+
 namespace {
 
 float hsum(__m256 v) {
@@ -310,6 +335,7 @@ KernelSet<float> avx2_kernels_f32() {
   s.pack_t = &pack_t_f32_avx2;
   s.dot = &gemm_dot_f32_avx2;
   s.fill_b_row = &fill_b_row_f32_avx2;
+  s.transpose = &transpose_f32_avx2;
   s.store_t = true;
   return s;
 }

@@ -110,6 +110,7 @@ KernelSet<float> avx512_kernels_f32() {
   s.packed_a = &kernel_14x2<F32, true>;
   s.strided_a = &kernel_14x2<F32, false>;
   s.pack_t = &pack_t_f32_avx2;  // AVX-512 CPUs have AVX2
+  s.transpose = &transpose_f32_avx2;
   s.dot = &gemm_dot_f32_avx2;
   s.fill_b_row = &fill_b_row_f32_avx2;  // R = 32: four 8-lane steps
   return s;
