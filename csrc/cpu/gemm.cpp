@@ -400,7 +400,9 @@ void gemm_impl(GemmArgs<T> g) {
 
   // Skip packing an operand that is reused little: A is reused N / NR times,
   // B is reused M / MR times (and can only be read in place with csB == 1).
-  const bool packA = g.packed_A || (!nt_swap && g.N > 4 * NR);
+  // A with rows contiguous along K is read in place up to N = 8 NR (the NCHW
+  // conv forward through the NHWC GEMM, Kg = 96-128: 1.02-1.12x in A/B).
+  const bool packA = g.packed_A || (!nt_swap && g.N > (g.csA == 1 ? 8 : 4) * NR);
   const bool packB = g.packed_B || !(g.csB == 1 && g.M <= 4 * MR);
 
   // Threads: a tm x tn grid of C blocks (multiples of MR x NR), choosing the
