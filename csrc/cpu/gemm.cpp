@@ -145,8 +145,9 @@ void pack_a(const KernelSet<T>& ks, int64_t mc, int64_t kc, const T* A, int64_t 
     const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
     const T* s = A + ir * rsA;
     T* d = dst + ir * kc;
-    if (csA == 1 && mr == MR && ks.pack_t) {
-      ks.pack_t(kc, s, rsA, MR, d);
+    if (csA == 1 && ks.pack_t) {
+      if (mr < MR) std::fill(d, d + kc * MR, T(0));
+      ks.pack_t(kc, s, rsA, mr, d, MR);
       continue;
     }
     if (csA == 1) {  // rows contiguous: read each row once, scatter with stride MR
@@ -172,8 +173,9 @@ void pack_b(const KernelSet<T>& ks, int64_t kc, int64_t nc, const T* B, int64_t 
     const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
     const T* s = B + jr * csB;
     T* d = dst + jr * kc;
-    if (rsB == 1 && nr == NR && ks.pack_t) {
-      ks.pack_t(kc, s, csB, NR, d);
+    if (rsB == 1 && ks.pack_t) {
+      if (nr < NR) std::fill(d, d + kc * NR, T(0));
+      ks.pack_t(kc, s, csB, nr, d, NR);
       continue;
     }
     for (int j = 0; j < nr; ++j) {

@@ -37,10 +37,11 @@ template <typename T>
 using MicroKernel = void (*)(const Tile<T>& t);
 
 // Optional vectorised packing of a sliver whose source runs along k:
-//   dst[k * nr + j] = src[j * ld + k] for j < nr, k < kc (all nr valid)
-// (an A sliver with csA == 1, nr = MR; a B sliver with rsB == 1, nr = NR).
+//   dst[k * R + j] = src[j * ld + k] for j < nr <= R, k < kc; lanes [nr, R)
+// untouched (an A sliver with csA == 1, R = MR; a B sliver with rsB == 1,
+// R = NR; nr < R at the matrix edge, the caller zeroes the other lanes).
 template <typename T>
-using PackTransposed = void (*)(int64_t kc, const T* src, int64_t ld, int nr, T* dst);
+using PackTransposed = void (*)(int64_t kc, const T* src, int64_t ld, int nr, T* dst, int R);
 
 // Dot-product GEMM for the "NT" layout with a tiny M (A rows and B columns
 // contiguous along k): C(i, j) for i < M, n0 <= j < n1 with
@@ -96,7 +97,7 @@ struct KernelSet {
 // Defined in gemm_kernels_avx2.cpp / gemm_kernels_avx512.cpp. Only call the
 // kernels when active_isa() says the CPU has that ISA.
 KernelSet<float> avx2_kernels_f32();
-void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst);
+void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst, int R);
 void gemm_dot_f32_avx2(const DotArgs<float>& g);
 void fill_b_row_f32_avx2(const SliverFill* f, int64_t n, const float* x, int64_t limit,
                          float* row, int64_t sl, int R);

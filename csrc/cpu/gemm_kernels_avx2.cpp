@@ -176,9 +176,10 @@ inline void store_first(float* d, __m256 v, int n) {
 }
 }  // namespace
 
-// dst[k * nr + j] = src[j * ld + k] for j < nr, k < kc: 8x8 register
-// transposes (rows past nr in the last block are dummies, not stored).
-void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst) {
+// dst[k * R + j] = src[j * ld + k] for j < nr <= R, k < kc: 8x8 register
+// transposes (rows past nr in the last block are dummies, not stored; lanes
+// [nr, R) are left as they are).
+void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* dst, int R) {
   const int full = nr / 8, rest = nr % 8;
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
@@ -193,16 +194,16 @@ void pack_t_f32_avx2(int64_t kc, const float* src, int64_t ld, int nr, float* ds
       __m256 o[8];
       for (int r = 0; r < 8; ++r) o[r] = _mm256_loadu_ps(p[r]);
       transpose8(o);
-      float* d = dst + k * nr + 8 * h;
+      float* d = dst + k * R + 8 * h;
       if (rows == 8) {
-        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(d + q * nr, o[q]);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(d + q * R, o[q]);
       } else {  // 4 + 2 + 1 float stores (vmaskmovps stores are microcoded on AMD)
-        for (int q = 0; q < 8; ++q) store_first(d + q * nr, o[q], rows);
+        for (int q = 0; q < 8; ++q) store_first(d + q * R, o[q], rows);
       }
     }
   }
   for (; k < kc; ++k)
-    for (int j = 0; j < nr; ++j) dst[k * nr + j] = src[j * ld + k];
+    for (int j = 0; j < nr; ++j) dst[k * R + j] = src[j * ld + k];
 }
 
 // A sliver is built in registers, 8 lanes at a time, as the OR of its fills'
