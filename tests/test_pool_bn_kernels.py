@@ -414,8 +414,9 @@ def test_bn_channel_fused_equals_two_pass():
 def test_bn_streaming_stores(isa, shape, cl):
     """Outputs >= 4 MiB are written with streaming stores (whole cache lines,
     plain stores at unaligned chunk edges): against float64 torch. 13x13
-    planes: channel groups (a partial one at the end of each thread's range)
-    streamed out through a buffer. channels_last: rows of C channels, each
+    planes: channel groups (a partial one at the end of each thread's range),
+    each image's run of the group streamed out as one row with per-value
+    coefficients. channels_last: rows of C channels, each
     streamed on its own (C = 37: rows not a whole number of cache lines)."""
     torch.manual_seed(2)
     fmt = torch.channels_last if cl else torch.contiguous_format

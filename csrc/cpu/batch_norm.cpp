@@ -379,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
       const int64_t G = g.group();
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         if (G > 1) {
-          std::vector<T> buf(nt ? G * g.L : 0);
+          std::vector<T> ex;  // the group's coefficients, per value of a run
           for (int64_t ca = c0; ca < c1; ca += G) {
             const int64_t cb = std::min(ca + G, c1);
             seg_group_stats<T>(g, k, x, ca, cb, mean.data(), m2.data());
@@ -388,16 +388,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
               coef(c);
               f.emplace_back(mean[c], a[c], b[c]);
             }
+            // The group's run of each image, one row of (cb - ca) * L values
+            // with per-value coefficients (streamed out as one run).
+            const int64_t len = (cb - ca) * g.L;
+            ex.resize(4 * len);
+            for (int64_t c = ca; c < cb; ++c) {
+              const Affine<T>& e = f[c - ca];
+              const int64_t j0 = (c - ca) * g.L;
+              std::fill_n(ex.data() + j0, g.L, e.mh);
+              std::fill_n(ex.data() + len + j0, g.L, e.ml);
+              std::fill_n(ex.data() + 2 * len + j0, g.L, e.a);
+              std::fill_n(ex.data() + 3 * len + j0, g.L, e.b);
+            }
             for (int64_t n = g.N - 1; n >= 0; --n) {  // backwards: latest in cache first
               const int64_t o = (n * C + ca) * g.L;
-              // nt: the group's run goes through buf, streamed out as one run
-              T* dst = nt ? buf.data() : y + o;
-              for (int64_t c = ca; c < cb; ++c) {
-                const Affine<T>& e = f[c - ca];
-                k.seg_affine(x + o + (c - ca) * g.L, g.L, e.mh, e.ml, e.a, e.b,
-                             dst + (c - ca) * g.L, false);
-              }
-              if (nt) k.copy_stream(buf.data(), (cb - ca) * g.L, y + o);
+              k.rows_affine(x + o, 1, len, ex.data(), ex.data() + len, ex.data() + 2 * len,
+                            ex.data() + 3 * len, y + o, nt);
             }
           }
           store_fence();
@@ -566,21 +572,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       const int64_t G = g.group();
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         if (G > 1) {
-          std::vector<T> buf(nt ? G * g.L : 0);
+          std::vector<T> ex;  // the group's coefficients, per value of a run
           for (int64_t ca = c0; ca < c1; ca += G) {
             const int64_t cb = std::min(ca + G, c1);
             seg_group_reduce(ca, cb);
             for (int64_t c = ca; c < cb; ++c) coef(c);
+            // As the forward: one row per image with per-value coefficients.
+            const int64_t len = (cb - ca) * g.L;
+            ex.resize(4 * len);
+            for (int64_t c = ca; c < cb; ++c) {
+              const int64_t j0 = (c - ca) * g.L;
+              std::fill_n(ex.data() + j0, g.L, tm[c]);
+              std::fill_n(ex.data() + len + j0, g.L, ta[c]);
+              std::fill_n(ex.data() + 2 * len + j0, g.L, tb[c]);
+              std::fill_n(ex.data() + 3 * len + j0, g.L, tk[c]);
+            }
             for (int64_t n = g.N - 1; n >= 0; --n) {  // backwards: latest in cache first
               const int64_t o = (n * C + ca) * g.L;
-              // nt: the group's run goes through buf, streamed out as one run
-              T* dst = nt ? buf.data() : dx + o;
-              for (int64_t c = ca; c < cb; ++c) {
-                const int64_t oc = o + (c - ca) * g.L;
-                k.seg_bwd_apply(dy + oc, xin ? xin + oc : nullptr, g.L, tm[c], ta[c], tb[c],
-                                tk[c], dst + (c - ca) * g.L, false);
-              }
-              if (nt) k.copy_stream(buf.data(), (cb - ca) * g.L, dx + o);
+              k.rows_bwd_apply(dy + o, xin ? xin + o : nullptr, 1, len, ex.data(),
+                               ex.data() + len, ex.data() + 2 * len, ex.data() + 3 * len, dx + o,
+                               nt);
             }
           }
           store_fence();

@@ -40,8 +40,6 @@ struct BnKernels {
   void (*seg_bwd_apply)(const T* dy, const T* x, int64_t n, T m, T a, T b, T k, T* dx, bool nt);
   void (*rows_bwd_apply)(const T* dy, const T* x, int64_t R, int64_t C, const T* m, const T* a,
                          const T* b, const T* k, T* dx, bool nt);
-  // dst[0, n) = src[0, n) with streaming stores (whole lines; plain at the ends)
-  void (*copy_stream)(const T* src, int64_t n, T* dst);
 };
 
 void bn_kernels_scalar(BnKernels<float>* f, BnKernels<double>* d);

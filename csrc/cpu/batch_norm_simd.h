@@ -290,15 +290,7 @@ void rows_bwd_apply(const T* dy, const T* x, int64_t R, int64_t C, const T* m, c
 }
 
 template <typename T>
-void copy_stream(const T* src, int64_t n, T* dst) {
-  using X = Vn<T>;
-  store_loop(
-      dst, n, true, [&](int64_t i) { return src[i]; }, [&](int64_t i) { return X::load(src + i); });
-}
-
-template <typename T>
 void fill(BnKernels<T>* k) {
-  k->copy_stream = &copy_stream<T>;
   k->seg_stats = &seg_stats<T>;
   k->rows_stats = &rows_stats<T>;
   k->seg_affine = &seg_affine<T>;
