@@ -79,6 +79,9 @@ CASES = {
     "via_nhwc_k40": (3, 24, 10, 9, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "via_nhwc_groups_s2": (3, 32, 11, 13, 24, 3, 3, (2, 2), (1, 1), (1, 1), 2),
     "via_nhwc_dil_5x3": (2, 16, 12, 11, 36, 5, 3, (1, 1), (2, 1), (2, 1), 1),
+    # A 2.5 MiB weight: NHWC column tiles over 512 KiB (a quarter of the
+    # weight), several per image (72 of the 576 pixels).
+    "via_nhwc_big_tiles": (2, 256, 24, 24, 272, 3, 3, (1, 1), (1, 1), (1, 1), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -198,7 +201,8 @@ def test_batch0_grads_are_zero():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("name", ["multi_tile_n1", "3x3p1", "depthwise", "cin1_lenet",
-                                  "dgrad_fwd_cut_rows_n1", "big_weight", "via_nhwc_k40"])
+                                  "dgrad_fwd_cut_rows_n1", "big_weight", "via_nhwc_k40",
+                                  "via_nhwc_dil_5x3"])
 def test_thread_counts(name, threads):
     """Serial, per-thread-chunk and uneven splits give the right answer and are
     bitwise repeatable for a fixed thread count."""
@@ -229,7 +233,7 @@ def test_every_isa(isa):
                      "sliver_rows_dilated", "multi_tile_n3", "dgrad_fwd_groups",
                      "dgrad_fwd_dil_nopad", "dgrad_fwd_kg1", "dgrad_fwd_cut_rows_n1",
                      "tiny_plane", "wgrad_pq1", "planes_7x7_groups", "via_nhwc_k40",
-                     "via_nhwc_groups_s2"):
+                     "via_nhwc_groups_s2", "via_nhwc_dil_5x3"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

@@ -391,17 +391,22 @@ def test_bn_channel_fused_equals_two_pass():
     torch.manual_seed(1)
     old = torch.get_num_threads()
     try:
-        for shape in [(3, 3, 50, 90), (2, 3, 9000), (5, 3, 7, 7)]:
-            x = torch.randn(shape) * 2 + 5
-            go = torch.randn(shape)
-            w, b = torch.rand(3) + 0.5, torch.randn(3)
+        for shape, dtype in [((3, 3, 50, 90), torch.float32), ((2, 3, 9000), torch.float32),
+                             ((5, 3, 7, 7), torch.float32), ((5, 3, 7, 7), torch.float64),
+                             ((4, 3, 13, 13), torch.float64)]:
+            x = (torch.randn(shape) * 2 + 5).to(dtype)
+            go = torch.randn(shape).to(dtype)
+            w, b = (torch.rand(3) + 0.5).to(dtype), torch.randn(3).to(dtype)
+            rm, rv = torch.randn(3).to(dtype), (torch.rand(3) + 0.5).to(dtype)
             outs = []
             for nt in (1, 2):  # C=3: fused with 1 thread, two-pass with 2
                 torch.set_num_threads(nt)
                 y, sm, si = ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5)
                 g = ops.batch_norm_backward(go, x, w, sm, si, True, [True, True, True])
                 g2 = ops.batch_norm_backward(go, x, w, sm, si, True, [False, True, True])
-                outs.append((y, sm, si) + tuple(g) + tuple(g2[1:]))
+                ge = ops.batch_norm_backward(go, x, w, rm, 1 / torch.sqrt(rv + 1e-5), False,
+                                             [True, True, True])
+                outs.append((y, sm, si) + tuple(g) + tuple(g2[1:]) + tuple(ge))
             for a, c in zip(*outs):
                 assert torch.equal(a, c)
     finally:

@@ -18,7 +18,9 @@
 // with the flipped, transposed weight (dgrad_as_forward below). A 1x1 / stride 1 /
 // unpadded conv uses X (or dX) in place of col. The NCHW forward writes col
 // straight into the GEMM core's packed-B layout (no separate packing pass;
-// the tile's pixel count is then rounded up to the micro-tile width).
+// the tile's pixel count is then rounded up to the micro-tile width), except
+// with Cg >= 16, where it runs the NHWC formulation on per-image transposes
+// (via_nhwc).
 //
 // Workspace: one column buffer per thread of CgRS * tile elements, where
 //   tmax   = max(64, budget / (CgRS * sizeof(T)))
@@ -29,10 +31,11 @@
 //   ntiles = ceil(P*Q / tmax), raised to a multiple of the thread count (at
 //            most P*Q / 64) when N * groups < threads and P*Q >= 128
 //   tile   = min(P*Q, roundup16(ceil(P*Q / ntiles)))
-// and none for pointwise convs or the Cg == 1 direct kernels. An NCHW forward
-// run through the NHWC GEMM (via_nhwc) adds per thread the transposed image,
-// C*H*W elements (at most 2 MiB), and a Kg x tile result buffer. So <= ~budget
-// per thread unless CgRS * 64 * sizeof(T) > budget, where the 64-pixel floor wins.
+// and none for pointwise convs or the Cg == 1 direct kernels. So <= ~budget
+// per thread unless CgRS * 64 * sizeof(T) > budget, where the 64-pixel floor
+// wins. An NCHW forward run through the NHWC GEMM (via_nhwc) adds per thread
+// the transposed image, C*H*W elements (at most 2 MiB), and a Kg x tile
+// result buffer, plus the weight permuted once per op.
 // E.g. float, 2 threads, forward: 32x64x32x32 k3p1 -> 576 x 208 = 468 KiB/thread,
 // (grad_weight: 576 x 352 = 792 KiB); 16x3x224x224 k7s2p3 -> 147 x 848 = 487
 // KiB/thread; 64x6x14x14 k5 -> 150 x
@@ -157,8 +160,12 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   const int64_t col_elems =
       pw ? 0 : nhwc ? rowlen * tile : cpu::gemm_packed_b_size<T>(rowlen, tile);
   cpu::run_chunks(s.N * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
-    cpu::AlignedVector<T> col(col_elems);
-    cpu::AlignedVector<T> xt(via_nhwc ? s.C * HW : 0), yt(via_nhwc ? s.Kg * tile : 0);
+    // NHWC buffers are left uninitialised: every element the GEMM reads is
+    // written first (im2col_nhwc writes whole rows, zeros included).
+    cpu::AlignedVector<T> col_nchw(nhwc ? 0 : col_elems);
+    cpu::UninitBuffer<T> col_nhwc(nhwc ? col_elems : 0);
+    T* const colp = nhwc ? col_nhwc.data() : col_nchw.data();
+    cpu::UninitBuffer<T> xt(via_nhwc ? s.C * HW : 0), yt(via_nhwc ? s.Kg * tile : 0);
     int64_t xt_image = -1;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
@@ -171,8 +178,8 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
           xt_image = n;
         }
         a.M = pn; a.N = s.Kg;
-        cpu::im2col_nhwc(s, xt.data() + g * s.Cg, p0, p1, col.data());
-        a.A = col.data(); a.rsA = rowlen; a.csA = 1;
+        cpu::im2col_nhwc(s, xt.data() + g * s.Cg, p0, p1, colp);
+        a.A = colp; a.rsA = rowlen; a.csA = 1;
         a.B = w + g * s.Kg * rowlen; a.rsB = 1; a.csB = rowlen;
         a.packed_B = wpk.group(g);
         a.bias_n = b ? b + g * s.Kg : nullptr;
@@ -188,8 +195,8 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
         if (pw) {
           a.B = xg + p0; a.rsB = HW; a.csB = 1;
         } else {
-          cpu::im2col_nchw_packed(s, xg, p0, p1, lay, col.data());
-          a.packed_B = col.data();
+          cpu::im2col_nchw_packed(s, xg, p0, p1, lay, colp);
+          a.packed_B = colp;
         }
         a.C = y + (n * s.K + g * s.Kg) * PQ + p0; a.rsC = PQ; a.csC = 1;
         a.bias_m = b ? b + g * s.Kg : nullptr;
@@ -199,8 +206,8 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
         if (pw) {
           a.A = xn + p0 * s.C; a.rsA = s.C; a.csA = 1;
         } else {
-          cpu::im2col_nhwc(s, xn, p0, p1, col.data());
-          a.A = col.data(); a.rsA = rowlen; a.csA = 1;
+          cpu::im2col_nhwc(s, xn, p0, p1, colp);
+          a.A = colp; a.rsA = rowlen; a.csA = 1;
         }
         a.B = w + g * s.Kg * rowlen; a.rsB = 1; a.csB = rowlen;
         a.packed_B = wpk.group(g);
@@ -419,14 +426,37 @@ bool nchw_via_nhwc(const ConvShape& s) {
 // builds 16-pixel slivers from shifted rows, which on 32x32 planes took a
 // third as long as the GEMM itself. In-process A/B, 2 threads: forward
 // 1.00-1.30x (32x64x32x32 1.11, 8x64x56x56 1.10, 16x32x28x28 s2 1.22),
-// stride-1 grad_input 1.00-1.88x; no shape tried was slower. Images over
-// kViaImageBytes stay NCHW (the transposed image is a per-thread buffer).
+// stride-1 grad_input 1.00-1.88x; with the weight permuted by weight_nhwc
+// (not torch's layout copy) 1.01-1.21x on 1-16 images of 14x14 and 7x7
+// with 256-512 channels. Images over kViaImageBytes stay NCHW (the
+// transposed image is a per-thread buffer).
 constexpr int64_t kViaImageBytes = int64_t(2) << 20;
 
 template <typename T>
 bool via_nhwc(const ConvShape& s) {
-  return !s.pointwise() && (s.Cg >= 16 || nchw_via_nhwc(s)) &&
+  // Whole images per thread (fewer images than threads: the NCHW path, whose
+  // tiles and GEMMs parallelise, instead of one transposed copy per thread).
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  return !s.pointwise() && (s.Cg >= 16 || nchw_via_nhwc(s)) && s.N * s.G >= nt &&
          s.C * s.HW() * int64_t(sizeof(T)) <= kViaImageBytes;
+}
+
+// A dense NCHW weight [K, Cg, R, S] as [K, R, S, Cg] (channels-last memory),
+// by per-output-channel transposes into a reused block (torch's layout copy
+// took several ms for a 9 MiB weight).
+template <typename T>
+at::Tensor weight_nhwc(const at::Tensor& w, const ConvShape& s) {
+  at::Tensor wl = cpu::empty({s.K, s.Cg, s.R, s.S},
+                             w.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const T* src = w.const_data_ptr<T>();
+  T* dst = wl.mutable_data_ptr<T>();
+  const int64_t RS = s.RS(), n = s.CgRS();
+  at::parallel_for(0, s.K, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)),
+                   [&](int64_t k0, int64_t k1) {
+                     for (int64_t k = k0; k < k1; ++k)
+                       cpu::gemm_transpose<T>(s.Cg, RS, src + k * n, RS, dst + k * n, s.Cg);
+                   });
+  return wl;
 }
 
 // ------------------------------------------- grad_input as a forward conv
@@ -436,7 +466,7 @@ bool via_nhwc(const ConvShape& s) {
 // d * (kernel - 1) - p:
 //   dX[n, c, h, w] = sum_{k, r, s} dY[n, k, h + pH - r dH, w + pW - s dW] W[k, c, r, s]
 // so it runs on the forward path (packed im2col + GEMM, written straight
-// into dX: no column buffer, no col2im, no zeroing of dX), whose GEMM
+// into dX: no col2im, no zeroing of dX), whose GEMM
 // reduces over Kg*R*S instead of only Kg. Needs that padding to be >= 0.
 // The flipped weight is a weight-sized workspace, so only for weights up to
 // kDgradFlipBytes (16x512x7x7 -> 512, a 9 MiB weight: the col2im path was 1.12x
@@ -568,7 +598,7 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
       else cpu::direct_forward_nchw(s, xp, wp, bp, yp);
     } else if (!small_forward(s, use_small(s, cl, input.scalar_type()), xp, wp, bp, yp)) {
       if (!cl && via_nhwc<scalar_t>(s)) {
-        const at::Tensor wl = w.contiguous(at::MemoryFormat::ChannelsLast);
+        const at::Tensor wl = weight_nhwc<scalar_t>(w, s);
         forward_gemm(s, false, xp, wl.const_data_ptr<scalar_t>(), bp, yp, true);
       } else {
         forward_gemm(s, cl, xp, wp, bp, yp);

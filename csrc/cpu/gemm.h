@@ -36,6 +36,21 @@ struct Aligned64 {
 template <typename T>
 using AlignedVector = std::vector<T, Aligned64<T>>;
 
+// A 64-byte aligned buffer of n elements, left uninitialised (no zero-fill
+// pass, unlike AlignedVector).
+template <typename T>
+class UninitBuffer {
+ public:
+  explicit UninitBuffer(size_t n) : p_(n ? Aligned64<T>().allocate(n) : nullptr) {}
+  ~UninitBuffer() { std::free(p_); }
+  UninitBuffer(const UninitBuffer&) = delete;
+  UninitBuffer& operator=(const UninitBuffer&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
+
 template <typename T>
 struct GemmArgs {
   int64_t M = 0, N = 0, K = 0;
