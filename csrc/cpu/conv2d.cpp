@@ -596,13 +596,13 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
     if (s.Cg == 1) {
       if (cl) cpu::direct_forward_nhwc(s, xp, wp, bp, yp);
       else cpu::direct_forward_nchw(s, xp, wp, bp, yp);
+    } else if (!cl && via_nhwc<scalar_t>(s)) {
+      // Ahead of the flat small kernels too: 1.00-1.10x in A/B on 14x14-32x32
+      // planes with 16-32 channels (dilated included).
+      const at::Tensor wl = weight_nhwc<scalar_t>(w, s);
+      forward_gemm(s, false, xp, wl.const_data_ptr<scalar_t>(), bp, yp, true);
     } else if (!small_forward(s, use_small(s, cl, input.scalar_type()), xp, wp, bp, yp)) {
-      if (!cl && via_nhwc<scalar_t>(s)) {
-        const at::Tensor wl = weight_nhwc<scalar_t>(w, s);
-        forward_gemm(s, false, xp, wl.const_data_ptr<scalar_t>(), bp, yp, true);
-      } else {
-        forward_gemm(s, cl, xp, wp, bp, yp);
-      }
+      forward_gemm(s, cl, xp, wp, bp, yp);
     }
   });
   return out;
