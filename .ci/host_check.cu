@@ -4,6 +4,7 @@
 // padding and dilation; plus the GEMM split-K planner. Needs nvcc, no GPU:
 //   nvcc -std=c++17 -Icsrc .ci/host_check.cu -o /tmp/host_check && /tmp/host_check
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <cstdlib>
 #include <cstdio>
@@ -246,6 +247,16 @@ static int check(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t 
     if (unit && splits == 1) run_tiled_cfg(dgrad_unit(), G, cfg, splits);
     else run_tiled_cfg(dgrad_any(), G, cfg, splits);
     run_tiled_cfg(ConvWgrad<double>(d, gy.data(), x.data(), gw.data()), G, cfg, splits);
+    collect();
+  }
+  // The 32-bit-index operands (the float fast path) through the big tiles.
+  if (!conv_index32(d)) { std::printf("FAIL conv_index32 false for a small problem\n"); return 1; }
+  for (const auto& cs : {std::pair<int, int>{3, 1}, {1, 3}}) {
+    reset();
+    run_tiled_cfg(ConvFwd<double, int32_t>(d, x.data(), w.data(), b.data(), y.data()), G, cs.first, cs.second);
+    if (unit) run_tiled_cfg(ConvDgradT<double, true, int32_t>(d, gy.data(), w.data(), gx.data()), G, cs.first, cs.second);
+    else run_tiled_cfg(dgrad_any(), G, cs.first, cs.second);
+    run_tiled_cfg(ConvWgrad<double, int32_t>(d, gy.data(), x.data(), gw.data()), G, cs.first, cs.second);
     collect();
   }
   const bool ok = e1 < 1e-9 && e2 < 1e-9 && e3 < 1e-9;

@@ -10,6 +10,8 @@
 // The launchers are in conv2d.cu, conv2d_dgrad.cu and conv2d_wgrad.cu (one file
 // each so that they compile in parallel).
 #pragma once
+#include <type_traits>
+
 #include "gemm_kernels.cuh"
 
 namespace fastlayers::cuda {
@@ -75,70 +77,95 @@ struct ConvGeom {
   }
 };
 
+// Whether 32-bit element offsets suffice: every offset reachable from the
+// strides of x, w and y (and their sums while gathering) stays below 2^30,
+// and the index decoding is 32-bit (ConvGeom::small).
+inline bool conv_index32(const ConvDesc& d) {
+  auto extent = [](const int64_t (&sz)[4], const int64_t (&st)[4]) {
+    int64_t e = 1;
+    for (int i = 0; i < 4; ++i) e += (sz[i] > 0 ? sz[i] - 1 : 0) * (st[i] < 0 ? -st[i] : st[i]);
+    return e;
+  };
+  const int64_t xsz[4] = {d.N, d.C, d.H + 2 * d.pad_h + d.dil_h * d.R, d.W + 2 * d.pad_w + d.dil_w * d.S};
+  const int64_t wsz[4] = {d.K, d.C / (d.groups > 0 ? d.groups : 1), d.R, d.S};
+  const int64_t ysz[4] = {d.N, d.K, d.P + d.H + d.pad_h + d.dil_h * d.R, d.Q + d.W + d.pad_w + d.dil_w * d.S};
+  const int64_t lim = int64_t(1) << 30;
+  return extent(xsz, d.x_str) < lim && extent(wsz, d.w_str) < lim && extent(ysz, d.y_str) < lim &&
+         ConvGeom(d).small;
+}
+
+// Whether the launcher picks the 32-bit-index problem (float only), which is
+// the one with the big tile configs; the workspace size follows the same plan.
+inline bool conv_big_tiles(const ConvDesc& d, DType dt) { return dt == DType::F32 && conv_index32(d); }
+
 // ---- operands (see gemm_kernels.cuh for the Op interface) -------------------------
 
-// A spatial part of an address: offset plus the (h, w) it contributes.
-struct SPos { int64_t o, h, w; };
+// A spatial part of an address: offset plus the (h, w) it contributes. I is
+// the index type: int32_t when every offset of the tensors fits (the float
+// fast path: half the integer work per gathered element), else int64_t.
+template <typename I>
+struct SPos { I o, h, w; };
 
 // The input image x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] (zero in the padding)
 // as forward B (mn = npq, k = crs) or weight-gradient B (mn = crs, k = npq).
 // x points at the group's first channel.
-template <typename Tt, bool MN_IS_NPQ>
+template <typename Tt, bool MN_IS_NPQ, typename I = int64_t>
 struct ConvXOp {
   using T = Tt;
+  using U = std::make_unsigned_t<I>;
   const Tt* x;
   ConvGeom G;
-  using Mn = SPos;
-  using Kx = SPos;
-  FL_HD SPos npq(int64_t j) const {
+  using Mn = SPos<I>;
+  using Kx = SPos<I>;
+  FL_HD SPos<I> npq(int64_t j) const {
     int64_t n, p, q; G.npq(j, n, p, q);
     const int64_t h = p * G.sh - G.ph, w = q * G.sw - G.pw;
-    return {n * G.xs[0] + h * G.xs[2] + w * G.xs[3], h, w};
+    return {I(n * G.xs[0] + h * G.xs[2] + w * G.xs[3]), I(h), I(w)};
   }
-  FL_HD SPos crs(int64_t k) const {
+  FL_HD SPos<I> crs(int64_t k) const {
     int64_t c, r, s; G.crs(k, c, r, s);
     const int64_t h = r * G.dh, w = s * G.dw;
-    return {c * G.xs[1] + h * G.xs[2] + w * G.xs[3], h, w};
+    return {I(c * G.xs[1] + h * G.xs[2] + w * G.xs[3]), I(h), I(w)};
   }
   FL_HD Mn mn(int64_t i) const { return MN_IS_NPQ ? npq(i) : crs(i); }
   FL_HD Kx k(int64_t i) const { return MN_IS_NPQ ? crs(i) : npq(i); }
-  FL_HD Tt load(const SPos& a, const SPos& b) const {
-    const int64_t h = a.h + b.h, w = a.w + b.w;
-    if (uint64_t(h) >= uint64_t(G.H) || uint64_t(w) >= uint64_t(G.W)) return zero_of<Tt>();
+  FL_HD Tt load(const SPos<I>& a, const SPos<I>& b) const {
+    const I h = a.h + b.h, w = a.w + b.w;
+    if (U(h) >= U(G.H) || U(w) >= U(G.W)) return zero_of<Tt>();
     return x[a.o + b.o];
   }
 };
 
 // The weight as forward A (mn = k_out, k = crs) or input-gradient A
 // (mn = c, k = (k_out, r, s)); w points at the group's first output channel.
-template <typename Tt, bool FWD>
+template <typename Tt, bool FWD, typename I = int64_t>
 struct ConvWOp {
   using T = Tt;
   const Tt* w;
   ConvGeom G;
-  struct Mn { int64_t o; };
-  struct Kx { int64_t o; };
-  FL_HD Mn mn(int64_t i) const { return {i * (FWD ? G.ws[0] : G.ws[1])}; }
+  struct Mn { I o; };
+  struct Kx { I o; };
+  FL_HD Mn mn(int64_t i) const { return {I(i * (FWD ? G.ws[0] : G.ws[1]))}; }
   FL_HD Kx k(int64_t k) const {
     int64_t a, r, s;
     if (FWD) G.crs(k, a, r, s); else G.krs(k, a, r, s);
-    return {a * (FWD ? G.ws[1] : G.ws[0]) + r * G.ws[2] + s * G.ws[3]};
+    return {I(a * (FWD ? G.ws[1] : G.ws[0]) + r * G.ws[2] + s * G.ws[3])};
   }
   FL_HD Tt load(const Mn& a, const Kx& b) const { return w[a.o + b.o]; }
 };
 
 // grad_output as weight-gradient A: mn = k_out, k = npq; gy at the group's first channel.
-template <typename Tt>
+template <typename Tt, typename I = int64_t>
 struct ConvYOp {
   using T = Tt;
   const Tt* gy;
   ConvGeom G;
-  struct Mn { int64_t o; };
-  struct Kx { int64_t o; };
-  FL_HD Mn mn(int64_t i) const { return {i * G.ys[1]}; }
+  struct Mn { I o; };
+  struct Kx { I o; };
+  FL_HD Mn mn(int64_t i) const { return {I(i * G.ys[1])}; }
   FL_HD Kx k(int64_t j) const {
     int64_t n, p, q; G.npq(j, n, p, q);
-    return {n * G.ys[0] + p * G.ys[2] + q * G.ys[3]};
+    return {I(n * G.ys[0] + p * G.ys[2] + q * G.ys[3])};
   }
   FL_HD Tt load(const Mn& a, const Kx& b) const { return gy[a.o + b.o]; }
 };
@@ -147,43 +174,46 @@ struct ConvYOp {
 // gy[n, k, p, q] with p = (h + ph - r*dh) / sh, q = (w + pw - s*dw) / sw where
 // those divisions are exact and in range, else zero. With unit stride the
 // offsets split like the input image's; otherwise the division happens per element.
-template <typename Tt, bool UNIT>
+template <typename Tt, bool UNIT, typename I = int64_t>
 struct ConvGyOp {
   using T = Tt;
+  using U = std::make_unsigned_t<I>;
   const Tt* gy;
   ConvGeom G;
-  using Mn = SPos;
-  using Kx = SPos;
-  FL_HD SPos mn(int64_t j) const {
+  using Mn = SPos<I>;
+  using Kx = SPos<I>;
+  FL_HD SPos<I> mn(int64_t j) const {
     int64_t n, h, w; G.nhw(j, n, h, w);
     const int64_t th = h + G.ph, tw = w + G.pw;
-    return {n * G.ys[0] + (UNIT ? th * G.ys[2] + tw * G.ys[3] : 0), th, tw};
+    return {I(n * G.ys[0] + (UNIT ? th * G.ys[2] + tw * G.ys[3] : 0)), I(th), I(tw)};
   }
-  FL_HD SPos k(int64_t k) const {
+  FL_HD SPos<I> k(int64_t k) const {
     int64_t kk, r, s; G.krs(k, kk, r, s);
     const int64_t h = r * G.dh, w = s * G.dw;
-    return {kk * G.ys[1] - (UNIT ? h * G.ys[2] + w * G.ys[3] : 0), -h, -w};
+    return {I(kk * G.ys[1] - (UNIT ? h * G.ys[2] + w * G.ys[3] : 0)), I(-h), I(-w)};
   }
-  FL_HD Tt load(const SPos& a, const SPos& b) const {
-    const int64_t th = a.h + b.h, tw = a.w + b.w;
+  FL_HD Tt load(const SPos<I>& a, const SPos<I>& b) const {
+    const I th = a.h + b.h, tw = a.w + b.w;
     if (UNIT) {
-      if (uint64_t(th) >= uint64_t(G.P) || uint64_t(tw) >= uint64_t(G.Q)) return zero_of<Tt>();
+      if (U(th) >= U(G.P) || U(tw) >= U(G.Q)) return zero_of<Tt>();
       return gy[a.o + b.o];
     }
     if (th < 0 || tw < 0) return zero_of<Tt>();
     const int64_t p = G.dv(th, G.sh, G.fsh), q = G.dv(tw, G.sw, G.fsw);
     if (p * G.sh != th || q * G.sw != tw || p >= G.P || q >= G.Q) return zero_of<Tt>();
-    return gy[a.o + b.o + p * G.ys[2] + q * G.ys[3]];
+    return gy[a.o + b.o + I(p * G.ys[2] + q * G.ys[3])];
   }
 };
 
 // ---- the three problems ----------------------------------------------------------
 
-template <typename Tt>
+template <typename Tt, typename I = int64_t>
 struct ConvFwd {
   using T = Tt;
-  using AOp = ConvWOp<Tt, true>;
-  using BOp = ConvXOp<Tt, true>;
+  using AOp = ConvWOp<Tt, true, I>;
+  using BOp = ConvXOp<Tt, true, I>;
+  static constexpr bool kLightOperands = false;
+  static constexpr bool kBigTiles = sizeof(I) == 4;   // 64-bit indices: 64x64 tiles only
   int64_t M, N, K;
   bool a_k_fast, b_k_fast;
   ConvGeom G;
@@ -206,11 +236,13 @@ struct ConvFwd {
   }
 };
 
-template <typename Tt, bool UNIT>
+template <typename Tt, bool UNIT, typename I = int64_t>
 struct ConvDgradT {
   using T = Tt;
-  using AOp = ConvWOp<Tt, false>;
-  using BOp = ConvGyOp<Tt, UNIT>;
+  using AOp = ConvWOp<Tt, false, I>;
+  using BOp = ConvGyOp<Tt, UNIT, I>;
+  static constexpr bool kLightOperands = false;
+  static constexpr bool kBigTiles = sizeof(I) == 4;   // 64-bit indices: 64x64 tiles only
   int64_t M, N, K;
   bool a_k_fast, b_k_fast;
   ConvGeom G;
@@ -233,11 +265,13 @@ struct ConvDgradT {
   }
 };
 
-template <typename Tt>
+template <typename Tt, typename I = int64_t>
 struct ConvWgrad {
   using T = Tt;
-  using AOp = ConvYOp<Tt>;
-  using BOp = ConvXOp<Tt, false>;
+  using AOp = ConvYOp<Tt, I>;
+  using BOp = ConvXOp<Tt, false, I>;
+  static constexpr bool kLightOperands = false;
+  static constexpr bool kBigTiles = sizeof(I) == 4;   // 64-bit indices: 64x64 tiles only
   int64_t M, N, K;
   bool a_k_fast, b_k_fast;
   ConvGeom G;

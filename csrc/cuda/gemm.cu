@@ -29,6 +29,8 @@ struct StridedGemm {
   using T = S;
   using AOp = MatOp<S>;
   using BOp = MatOp<S>;
+  static constexpr bool kBigTiles = true;
+  static constexpr bool kLightOperands = true;   // few registers per operand row
   int64_t M, N, K;
   bool a_k_fast, b_k_fast;
   const S* A; int64_t rsA, csA;

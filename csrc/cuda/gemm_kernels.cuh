@@ -11,6 +11,11 @@
 //   AOp a_op(int g); BOp b_op(int g);
 //   T* c; bool accumulate; const T* bias_m (index g*M + i); const T* bias_n (index j);
 //   int64_t c_row(int g, int64_t i), c_col(int g, int64_t j): C element offset = sum.
+//   static constexpr bool kBigTiles: whether the float32 128x128 / 64x128 tiles are
+//                                    instantiated (else 64x64 only: rare wide-index
+//                                    variants stay cheap to compile);
+//   static constexpr bool kLightOperands: operand rows cost few registers (plain
+//                                    matrices), so register-capped big tiles are worth it.
 // An operand ("Op") splits the address of element (mn, k) into a part that
 // depends only on mn (a row of A / a column of B) and a part that depends only
 // on k, so each thread decodes its few rows once and one k per tile:
@@ -156,9 +161,9 @@ __device__ __forceinline__ void lds4(const T* s, Acc* out) {
 // t*4 + 64*blk + i, i < 4.
 FL_HD __forceinline__ int simt_local(int t, int idx) { return t * 4 + 64 * (idx / 4) + idx % 4; }
 
-// Two blocks per SM for 64 x 64 tiles (register cap 128); the larger ones need more registers.
-template <class P, int BM, int BN>
-__global__ void __launch_bounds__(kGemmThreads, BM * BN <= 64 * 64 ? 2 : 1)
+// MINB: blocks per SM the register allocation must allow (2 caps it at 128).
+template <class P, int BM, int BN, int MINB>
+__global__ void __launch_bounds__(kGemmThreads, MINB)
 gemm_simt_kernel(P p, typename Num<typename P::T>::Acc* ws, int splits, int64_t kchunk) {
   using T = typename P::T;
   using Acc = typename Num<T>::Acc;
@@ -374,19 +379,21 @@ constexpr int64_t kWave = 132;   // thread blocks that fill an H100/H200 once (1
 
 // Depends only on the shape and dtype, so the split (hence the summation
 // order) is the same on every run.
-inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int64_t groups, DType dt) {
+inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int64_t groups, DType dt,
+                          bool big_tiles = true) {
   GemmPlan pl;
   const bool tc = dt == DType::F16 || dt == DType::BF16;
   auto tiles_of = [&](int64_t bm, int64_t bn) { return ceil_div(M, bm) * ceil_div(N, bn) * groups; };
   if (tc) {
     pl.cfg = 2; pl.BM = kWmmaBM; pl.BN = kWmmaBN; pl.BK = kWmmaBK;
+  } else if (!big_tiles) {
   } else if (dt == DType::F32 && M > 96 && N > 96 && tiles_of(128, 128) >= kWave) {
     pl.cfg = 1; pl.BM = 128; pl.BN = 128;
   } else if (dt == DType::F32 && N > 96 && tiles_of(64, 128) >= kWave) {
     pl.cfg = 3; pl.BM = 64; pl.BN = 128;
   }
   // Benchmarking knob: FASTLAYERS_SIMT_CFG=0/1/3 forces a float32 tile config.
-  if (dt == DType::F32) {
+  if (dt == DType::F32 && big_tiles) {
     if (const char* e = std::getenv("FASTLAYERS_SIMT_CFG")) {
       const int c = std::atoi(e);
       if (c == 0 || c == 1 || c == 3) {
@@ -416,11 +423,34 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int64_t groups, DType
   return pl;
 }
 
+// Launches the split-K reduction when the plan splits K.
+template <class P>
+int finish_splitk(const P& p, const GemmPlan& pl, typename Num<typename P::T>::Acc* ws,
+                  int64_t groups, cudaStream_t stream) {
+  int err = last_error();
+  if (err || pl.splits == 1) return err;
+  gemm_splitk_reduce<P><<<grid_for(groups * p.M * p.N, 256), 256, 0, stream>>>(p, ws, groups, pl.splits);
+  return last_error();
+}
+
+// One SIMT instantiation: prefers the largest shared-memory carveout (set once),
+// so that two blocks of up to 34 KB fit on an SM, then launches.
+template <class P, int BM, int BN, int MINB>
+int launch_simt(const P& p, dim3 grid, typename Num<typename P::T>::Acc* ws, const GemmPlan& pl,
+                int64_t groups, cudaStream_t stream) {
+  static const int carveout = cudaFuncSetAttribute(
+      gemm_simt_kernel<P, BM, BN, MINB>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      int(cudaSharedmemCarveoutMaxShared));
+  (void)carveout;
+  gemm_simt_kernel<P, BM, BN, MINB><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
+  return finish_splitk(p, pl, ws, groups, stream);
+}
+
 // Launches problem p (groups copies). workspace: plan.ws_bytes bytes.
 template <class P>
 int run_gemm(const P& p, int64_t groups, DType dt, void* workspace, cudaStream_t stream) {
   if (p.M <= 0 || p.N <= 0 || groups <= 0) return 0;
-  const GemmPlan pl = plan_gemm(p.M, p.N, p.K, groups, dt);
+  const GemmPlan pl = plan_gemm(p.M, p.N, p.K, groups, dt, P::kBigTiles);
   using Acc = typename Num<typename P::T>::Acc;
   if (pl.splits > 1 && workspace == nullptr) return int(cudaErrorInvalidValue);
   Acc* ws = pl.splits > 1 ? static_cast<Acc*>(workspace) : nullptr;
@@ -428,30 +458,31 @@ int run_gemm(const P& p, int64_t groups, DType dt, void* workspace, cudaStream_t
   if (gy > 65535 || gz > 65535 || gx > 2147483647LL) return int(cudaErrorInvalidConfiguration);
   const dim3 grid{unsigned(gx), unsigned(gy), unsigned(gz)};
   if constexpr (std::is_same_v<typename P::T, float>) {
-    if (pl.cfg == 1)
-      gemm_simt_kernel<P, 128, 128><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
-    else if (pl.cfg == 3)
-      gemm_simt_kernel<P, 64, 128><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
-    else
-      gemm_simt_kernel<P, 64, 64><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
+    if constexpr (P::kBigTiles) {
+      if (pl.cfg == 1) {
+        // FASTLAYERS_SIMT_MINB=2 (benchmarking knob): the register-capped variant
+        // (2 blocks per SM) for plain matrices, whose operands need few registers.
+        if constexpr (P::kLightOperands) {
+          const char* mb = std::getenv("FASTLAYERS_SIMT_MINB");
+          if (mb && mb[0] == '2') return launch_simt<P, 128, 128, 2>(p, grid, ws, pl, groups, stream);
+        }
+        return launch_simt<P, 128, 128, 1>(p, grid, ws, pl, groups, stream);
+      }
+      if (pl.cfg == 3) return launch_simt<P, 64, 128, 2>(p, grid, ws, pl, groups, stream);
+    }
+    return launch_simt<P, 64, 64, 2>(p, grid, ws, pl, groups, stream);
   } else if constexpr (std::is_same_v<typename P::T, double>) {
-    gemm_simt_kernel<P, 64, 64><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
+    return launch_simt<P, 64, 64, 2>(p, grid, ws, pl, groups, stream);
   } else {
     gemm_wmma_kernel<P><<<grid, kGemmThreads, 0, stream>>>(p, ws, pl.splits, pl.kchunk);
   }
-  int err = last_error();
-  if (err) return err;
-  if (pl.splits > 1) {
-    gemm_splitk_reduce<P><<<grid_for(groups * p.M * p.N, 256), 256, 0, stream>>>(p, ws, groups, pl.splits);
-    err = last_error();
-  }
-  return err;
+  return finish_splitk(p, pl, ws, groups, stream);
 }
 
 template <class P>
 int64_t gemm_ws_bytes(const P& p, int64_t groups, DType dt) {
   if (p.M <= 0 || p.N <= 0 || groups <= 0) return 0;
-  return plan_gemm(p.M, p.N, p.K, groups, dt).ws_bytes;
+  return plan_gemm(p.M, p.N, p.K, groups, dt, P::kBigTiles).ws_bytes;
 }
 
 }  // namespace fastlayers::cuda
