@@ -7,7 +7,7 @@ every rep by writing a 256 MB buffer, and the rate is reported against a
 measured device-to-device copy bandwidth.
 
 Writes $OUT/gpu_bench.json (or ./gpu_bench.json; GPU_BENCH_NAME renames it) and
-prints a table. FASTLAYERS_CUDA_NEW=1 switches on the kernels not yet run on a GPU.
+prints a table. FASTLAYERS_CUDA_NEW=0 turns off the newest kernels (csrc/cuda/common.cuh).
 """
 import json
 import os

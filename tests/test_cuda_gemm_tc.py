@@ -22,6 +22,11 @@ DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def _mma_sync_kernel(monkeypatch):
+    # On Hopper the wgmma GEMM takes the K-contiguous products first
+    # (tests/test_cuda_wgmma.py); these tests are about the mma.sync kernel.
+    monkeypatch.setenv("FASTLAYERS_NO_WGMMA", "1")
 
 
 def rand(*shape, dtype):

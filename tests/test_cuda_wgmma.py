@@ -9,8 +9,8 @@ same products also run on the mma.sync kernel (gemm_tc) for comparison;
 FASTLAYERS_WGMMA_LOG=1 makes each wgmma launch print one stderr line, which
 tells whether the path really ran (it needs the sm_90a image: build with
 TORCH_CUDA_ARCH_LIST=9.0a, as benchmarks/gpu_check.sh does, or FASTLAYERS_SM90A=1).
-Not yet run on a GPU, the path is off unless FASTLAYERS_CUDA_NEW=1; every test
-here switches that on.
+On by default since its first GPU run; FASTLAYERS_CUDA_NEW=0 turns it off (the
+path-taken test checks that), so every test here pins FASTLAYERS_CUDA_NEW=1.
 References: float64 on the same rounded inputs; error relative to max |ref|.
 """
 import pytest
@@ -52,8 +52,8 @@ def forward(M, K, N, dtype, bias, ld=None):
 
 @pytest.fixture(autouse=True)
 def _new_cuda_paths(monkeypatch):
-    # The wgmma GEMM has not run on a GPU yet, so it is off unless
-    # FASTLAYERS_CUDA_NEW=1 (csrc/cuda/common.cuh); these tests are about it.
+    # FASTLAYERS_CUDA_NEW=0 would turn the wgmma GEMM off (csrc/cuda/common.cuh);
+    # these tests are about it.
     monkeypatch.setenv("FASTLAYERS_CUDA_NEW", "1")
 
 
@@ -125,7 +125,7 @@ def test_wgmma_path_taken(capfd, monkeypatch):
     monkeypatch.setenv("FASTLAYERS_NO_WGMMA", "1")
     close(ops.linear_forward(x, w, b), ref, torch.bfloat16, "out")
     assert "fastlayers wgmma: M=" not in capfd.readouterr().err
-    # Off by default until it has run on a GPU.
+    # FASTLAYERS_CUDA_NEW=0 turns it off.
     monkeypatch.delenv("FASTLAYERS_NO_WGMMA")
     monkeypatch.setenv("FASTLAYERS_CUDA_NEW", "0")
     close(ops.linear_forward(x, w, b), ref, torch.bfloat16, "out")

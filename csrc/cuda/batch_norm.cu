@@ -450,7 +450,10 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // units), `rpi` rows side by side (cols * rpi <= 256), so a block reads one
 // contiguous range per iteration. Thread (tx, ty) walks rows r0 + ty, + rpi, ...
 // of its split's fixed row range [r0, r1) with U = 4 loads in flight, keeping per
-// channel lane a Welford state (statistics) or sums (backward) in registers; the
+// channel lane a Welford state (statistics, of x minus the channel's value in row
+// 0: a pivot that keeps a large mean from rounding away the variance's digits, as
+// in the float32 Welford merges; the finalize adds it back in double) or sums
+// (backward) in registers; the
 // block merges rows ty = 0, 1, ... in that order (shared memory) and writes one
 // partial per channel: part[(c * splits + split) * K]. A warp per channel merges
 // the splits (lane k takes splits k, k + 32, ...; then a shuffle tree): fixed
@@ -484,7 +487,7 @@ inline BNRows bn_rows(const BNDesc& d, int L) {
   return g;
 }
 // Dense channels-last, fewer than 2^31 elements, chunk count within grid.y.
-// Not yet run on a GPU: off unless FASTLAYERS_CUDA_NEW=1.
+// Off with FASTLAYERS_CUDA_NEW=0 (common.cuh).
 inline bool bn_nhwc_ok(const BNDesc& d) {
   return new_paths_enabled() && d.channels_last && d.N > 0 && d.S > 0 && d.C > 0 &&
          d.N * d.C * d.S < (int64_t(1) << 31) && ceil_div(d.C, kBNThreads) <= 65535;
@@ -505,6 +508,7 @@ FL_HD __forceinline__ bool bn_rows_thread(const BNRows& g, uint32_t sp, uint32_t
 template <typename S, int L>
 FL_HD __forceinline__ void bn_nhwc_stats_thread(const BNRows& g, const S* __restrict__ x,
                                                 uint32_t cu, uint32_t r, uint32_t r1,
+                                                const typename Num<S>::Acc (&piv)[L],
                                                 typename Num<S>::Acc (&n)[L],
                                                 typename Num<S>::Acc (&mean)[L],
                                                 typename Num<S>::Acc (&m2)[L]) {
@@ -522,13 +526,13 @@ FL_UNROLL
       Acc sum = Acc(0);
 FL_UNROLL
       for (int u = 0; u < U; ++u)
-        if (u < nb) sum += Num<S>::to_acc(pk[u].v[l]);
+        if (u < nb) sum += Num<S>::to_acc(pk[u].v[l]) - piv[l];
       const Acc cnt = Acc(nb), mb = sum / cnt;
       Acc m2b = Acc(0);
 FL_UNROLL
       for (int u = 0; u < U; ++u)
         if (u < nb) {
-          const Acc e = Num<S>::to_acc(pk[u].v[l]) - mb;
+          const Acc e = (Num<S>::to_acc(pk[u].v[l]) - piv[l]) - mb;
           m2b += e * e;
         }
       welford_merge(n[l], mean[l], m2[l], cnt, mb, m2b);
@@ -575,10 +579,13 @@ __global__ void __launch_bounds__(kBNThreads)
   uint32_t cu, r, r1;
   const uint32_t tid = threadIdx.x;
   const bool active = bn_rows_thread(g, blockIdx.x, blockIdx.y, tid, cu, r, r1);
-  Acc n[L], mean[L], m2[L];
+  Acc n[L], mean[L], m2[L], piv[L];
 #pragma unroll
-  for (int l = 0; l < L; ++l) n[l] = mean[l] = m2[l] = Acc(0);
-  if (active) bn_nhwc_stats_thread<S, L>(g, x, cu, r, r1, n, mean, m2);
+  for (int l = 0; l < L; ++l) {
+    n[l] = mean[l] = m2[l] = Acc(0);
+    piv[l] = active ? Num<S>::to_acc(x[cu * L + l]) : Acc(0);   // row 0: the pivot
+  }
+  if (active) bn_nhwc_stats_thread<S, L>(g, x, cu, r, r1, piv, n, mean, m2);
   if (active && tid >= g.cols)
 #pragma unroll
     for (int l = 0; l < L; ++l) {
@@ -712,7 +719,8 @@ __global__ void __launch_bounds__(kBNThreads)
 // Warp-per-channel finalizes of the [C][splits] partials (blockDim.x a multiple of 32).
 template <typename Acc>
 __global__ void bn_stats_finalize_warp(BNDesc d, DType pdt, const Acc* __restrict__ part,
-                                       int64_t splits, const void* weight, const void* bias,
+                                       int64_t splits, DType xdt, const void* x,
+                                       const void* weight, const void* bias,
                                        void* running_mean, void* running_var, double momentum,
                                        double eps, Acc* save_mean, Acc* save_invstd, Acc* coef) {
   const int64_t nw = int64_t(gridDim.x) * blockDim.x / 32;
@@ -731,7 +739,7 @@ __global__ void bn_stats_finalize_warp(BNDesc d, DType pdt, const Acc* __restric
       welford_merge<double>(n, mean, m2, nb, mb, m2b);
     }
     if (lane == 0)
-      bn_stats_epilogue<Acc>(d, pdt, c, n, mean, m2, weight, bias, running_mean, running_var,
+      bn_stats_epilogue<Acc>(d, pdt, c, n, mean + load_any<double>(x, xdt, c), m2, weight, bias, running_mean, running_var,
                              momentum, eps, save_mean, save_invstd, coef);
   }
 }
@@ -1170,7 +1178,7 @@ int batch_norm_train(const BNDesc& d, DType dt, DType pdt, const void* x, const 
         int err = last_error();
         if (err) return err;
         bn_stats_finalize_warp<Acc><<<grid_for(d.C * 32, 256), 256, 0, stream>>>(
-            d, pdt, part, g.splits, weight, bias, running_mean, running_var, momentum, eps,
+            d, pdt, part, g.splits, dt, x, weight, bias, running_mean, running_var, momentum, eps,
             static_cast<Acc*>(save_mean), static_cast<Acc*>(save_invstd), coef);
         if ((err = last_error())) return err;
         bn_apply_nhwc<S, L><<<dim3(g.splits, g.chunks), kBNThreads, 0, stream>>>(

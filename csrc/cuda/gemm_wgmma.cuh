@@ -39,7 +39,7 @@
 // driver loaded is the sm_90a one (probe kernel with static shared memory
 // only there) and otherwise declines (-1), as it does for any problem that
 // does not qualify: then gemm_tc / the SIMT kernels run.
-// Not yet run on a GPU: off unless FASTLAYERS_CUDA_NEW=1 (common.cuh).
+// First run on a GPU on 2026-11-28 (H200); FASTLAYERS_CUDA_NEW=0 turns it off (common.cuh).
 // Env: FASTLAYERS_NO_WGMMA=1 declines always (read per call);
 // FASTLAYERS_WGMMA_LOG=1 prints one stderr line per wgmma launch.
 #pragma once

@@ -665,7 +665,7 @@ int max_pool2d_backward(const PoolDesc& d, DType dt, const void* gy, const void*
       const PoolFast f = make_pool_fast(d);
       constexpr int V = 16 / sizeof(S);
       const PoolTilePlan tp = fast == 1 ? plan_bwd_tiled(d, sizeof(S)) : PoolTilePlan{};
-      // Not yet run on a GPU: off unless FASTLAYERS_CUDA_NEW=1.
+      // Off with FASTLAYERS_CUDA_NEW=0 (common.cuh): the band kernel below.
       if (fast == 1 && d.kh == 3 && d.kw == 3 && d.sh == 2 && d.sw == 2 && new_paths_enabled()) {
         const uint32_t G = uint32_t(ceil_div(d.W, 4));
         const uint32_t groups = uint32_t(d.N * d.C * d.H) * G;
