@@ -38,6 +38,7 @@ def cases():
     xp = torch.randn(32, 64, 112, 112, device=DEV)
     out, off = ops.max_pool2d_forward(xp, [3, 3], [2, 2], [1, 1], [1, 1], False)
     gp = torch.randn_like(out)
+    gy_bn = torch.randn_like(xp)
     return {
         "gemm4096": (2 * 4096**3, lambda: ops.linear_forward(a, w, None)),
         "conv_fwd": (2 * 32 * 64 * 56 * 56 * 64 * 9,
@@ -48,7 +49,17 @@ def cases():
             gy, x, wc, [1, 1], [1, 1], [1, 1], 1, [False, True, False])),
         "pool_bwd": (0, lambda: ops.max_pool2d_backward(gp, off, [32, 64, 112, 112], [3, 3],
                                                         [2, 2], [1, 1], [1, 1], False)),
+        "pool_fwd": (0, lambda: ops.max_pool2d_forward(xp, [3, 3], [2, 2], [1, 1], [1, 1], False)),
+        "bn_train_bwd": (0, lambda: bn_step(xp, gy_bn)),
     }
+
+
+def bn_step(x, gy):
+    c = x.shape[1]
+    w, b = torch.ones(c, device=DEV), torch.zeros(c, device=DEV)
+    rm, rv = torch.zeros(c, device=DEV), torch.ones(c, device=DEV)
+    y, mean, invstd = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
+    ops.batch_norm_backward(gy, x, w, mean, invstd, True, [True, True, True])
 
 
 def main():

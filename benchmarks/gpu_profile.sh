@@ -11,10 +11,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 timeout 120 python benchmarks/gpu_profile.py time 2>&1 | tee "$OUT/sweep.txt"
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  timeout 200 "$NCU" --clock-control none -k regex:"simt|pool|splitk" \
+  timeout "${NCU_TIMEOUT:-200}" "$NCU" --clock-control none -k regex:"simt|pool|splitk|bn_" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis python benchmarks/gpu_profile.py once > "$OUT/ncu.txt" 2>&1
-  echo "ncu rc=$?"; grep -E "simt|pool|splitk|Throughput|Achieved Occupancy|Registers|Stall|Duration" "$OUT/ncu.txt" | head -80
+  echo "ncu rc=$?"; grep -E "simt|pool|splitk|bn_|Throughput|Achieved Occupancy|Registers|Duration" "$OUT/ncu.txt" | head -150
 else
   echo "no ncu"
 fi
