@@ -361,10 +361,34 @@ def test_bn_batch0_keeps_running_stats():
     rm0, rv0 = rm.clone(), rv.clone()
     y, sm, si = ops.batch_norm_train(x, None, None, rm, rv, 0.1, 1e-5)
     assert y.shape == x.shape and sm.shape == (3,)
+    assert torch.equal(sm, torch.zeros(3)) and torch.equal(si, torch.zeros(3))
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
     assert ops.batch_norm_eval(x, None, None, rm, rv, 1e-5).shape == x.shape
     gi, gw, gb = ops.batch_norm_backward(x, x, torch.ones(3), sm, si, True, [True, True, True])
     assert gi.shape == x.shape and torch.equal(gw, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_bn_running_stats_updated_in_place(strided):
+    # Dense buffers are written directly, strided views through a copy; both
+    # must end up as torch's update, in the same storage.
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 6, 7) * 3 + 2
+    if strided:
+        rm, rv = torch.randn(10)[::2], torch.rand(10)[::2] + 0.5
+    else:
+        rm, rv = torch.randn(5), torch.rand(5) + 0.5
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    ptr_m, ptr_v = rm.data_ptr(), rv.data_ptr()
+    F.batch_norm(x, rm_ref, rv_ref, None, None, True, 0.3, 1e-5)
+    y, sm, si = ops.batch_norm_train(x, None, None, rm, rv, 0.3, 1e-5)
+    assert rm.data_ptr() == ptr_m and rv.data_ptr() == ptr_v
+    assert rm.is_contiguous() != strided
+    torch.testing.assert_close(rm, rm_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv, rv_ref, rtol=1e-6, atol=1e-6)
+    # save_mean / save_invstd are fresh tensors, not the buffers
+    assert sm.data_ptr() != ptr_m and si.data_ptr() != ptr_v
+    torch.testing.assert_close(sm, x.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
 def test_bn_deterministic_over_threads():

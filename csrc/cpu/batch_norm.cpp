@@ -358,9 +358,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
               ": running_mean and running_var must both be given or both be None");
   Layout g = make_layout(input);
   at::Tensor out = cpu::empty_like(g.x, g.fmt);
-  at::Tensor save_mean = at::zeros({C}, input.options());
-  at::Tensor save_invstd = at::zeros({C}, input.options());
-  if (g.M == 0 || C == 0) return {out, save_mean, save_invstd};  // nothing to normalise
+  at::Tensor save_mean = at::empty({C}, input.options());
+  at::Tensor save_invstd = at::empty({C}, input.options());
+  if (g.M == 0 || C == 0) {  // nothing to normalise
+    save_mean.zero_();
+    save_invstd.zero_();
+    return {out, save_mean, save_invstd};
+  }
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_batch_norm_train", [&] {
     using T = scalar_t;
@@ -434,7 +438,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
     if (has(running_mean)) {
       auto rm = to_double<scalar_t>(running_mean, C, 0.0);
       auto rv = to_double<scalar_t>(running_var, C, 0.0);
-      at::Tensor nm = at::empty({C}, input.options()), nv = at::empty({C}, input.options());
+      // Updated in place when the buffers are dense (the usual case: two
+      // fewer allocations and copies per call, which on small layers is a
+      // measurable part of the op), else through a dense copy.
+      const bool dense = running_mean->is_contiguous() && running_var->is_contiguous();
+      at::Tensor nm = dense ? *running_mean : at::empty({C}, input.options());
+      at::Tensor nv = dense ? *running_var : at::empty({C}, input.options());
       scalar_t* pm = nm.mutable_data_ptr<scalar_t>();
       scalar_t* pv = nv.mutable_data_ptr<scalar_t>();
       // Unbiased variance; M == 1 gives inf/nan as torch (Python checks M > 1).
@@ -443,8 +452,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
         pm[c] = static_cast<scalar_t>((1.0 - momentum) * rm[c] + momentum * mean[c]);
         pv[c] = static_cast<scalar_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / M) * unbias);
       }
-      running_mean->copy_(nm);
-      running_var->copy_(nv);
+      if (!dense) {
+        running_mean->copy_(nm);
+        running_var->copy_(nv);
+      }
     }
   });
   return {out, save_mean, save_invstd};
