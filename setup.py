@@ -34,9 +34,17 @@ def _add_sm90a():
     driver loads the sm_90a one on Hopper). Extra arch flags in nvcc's
     extra_compile_args would make torch drop its own arch flags, hence the
     list. FASTLAYERS_SM90A=0 leaves it out (the wgmma GEMM then declines and the
-    mma.sync kernel runs); benchmarks/gpu_check.sh builds TORCH_CUDA_ARCH_LIST=9.0a
-    alone (one Hopper image per file: half the compile time)."""
+    mma.sync kernel runs), and so does a CUDA older than 12.0 (no sm_90a there).
+    benchmarks/gpu_check.sh builds TORCH_CUDA_ARCH_LIST=9.0a alone (one Hopper
+    image per file: half the compile time); the default 8.0;9.0;9.0a build has not
+    been run on a GPU yet (the kernel's probe declines if the driver loads the
+    sm_90 image). Named lists ("Hopper", "native") are left as they are."""
     if os.environ.get("FASTLAYERS_SM90A", "1") == "0":
+        return
+    try:
+        if int((torch.version.cuda or "0").split(".")[0]) < 12:
+            return
+    except ValueError:
         return
     archs = [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if a]
     bare = [a.split("+")[0] for a in archs]

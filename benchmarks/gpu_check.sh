@@ -29,7 +29,7 @@ BUILD_LOG="${OUT:-.}/build.log"
 # 9.0a: one sm_90a image per file (the wgmma GEMM needs it; every kernel runs
 # from it on an H100/H200), instead of 9.0 + the 9.0a that setup.py would add.
 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
-  python setup.py build_ext --inplace > "$BUILD_LOG" 2>&1 || build_rc=$?
+  timeout 300 python setup.py build_ext --inplace > "$BUILD_LOG" 2>&1 || build_rc=$?
 echo "build rc=$build_rc in $(( $(date +%s) - t0 )) s (full log: $BUILD_LOG)"
 if [ "$build_rc" -ne 0 ]; then
   grep -n -E "error|Error" "$BUILD_LOG" | head -n 60 || true

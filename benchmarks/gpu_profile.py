@@ -39,6 +39,8 @@ def cases():
     out, off = ops.max_pool2d_forward(xp, [3, 3], [2, 2], [1, 1], [1, 1], False)
     gp = torch.randn_like(out)
     gy_bn = torch.randn_like(xp)
+    xp_cl = xp.contiguous(memory_format=torch.channels_last)
+    gy_cl = gy_bn.contiguous(memory_format=torch.channels_last)
     return {
         "gemm4096": (2 * 4096**3, lambda: ops.linear_forward(a, w, None)),
         "conv_fwd": (2 * 32 * 64 * 56 * 56 * 64 * 9,
@@ -51,6 +53,7 @@ def cases():
                                                         [2, 2], [1, 1], [1, 1], False)),
         "pool_fwd": (0, lambda: ops.max_pool2d_forward(xp, [3, 3], [2, 2], [1, 1], [1, 1], False)),
         "bn_train_bwd": (0, lambda: bn_step(xp, gy_bn)),
+        "bn_train_bwd_cl": (0, lambda: bn_step(xp_cl, gy_cl)),
     }
 
 

@@ -14,7 +14,7 @@ if [ -n "$NCU" ]; then
   timeout "${NCU_TIMEOUT:-200}" "$NCU" --clock-control none -k regex:"simt|pool|splitk|bn_" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis python benchmarks/gpu_profile.py once > "$OUT/ncu.txt" 2>&1
-  echo "ncu rc=$?"; grep -E "simt|pool|splitk|bn_|Throughput|Achieved Occupancy|Registers|Duration" "$OUT/ncu.txt" | head -150
+  echo "ncu rc=$?"; grep -E "simt|pool|splitk|bn_|Throughput|Achieved Occupancy|Registers|Stall|Duration" "$OUT/ncu.txt" | head -150
 else
   echo "no ncu"
 fi

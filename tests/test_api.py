@@ -284,6 +284,49 @@ def test_build_info():
     assert isinstance(info["cuda_kernels"], bool)
 
 
+def _setup_function(name):
+    """One function of setup.py, compiled on its own (importing setup.py would
+    run setup())."""
+    import ast
+    import os
+    import pathlib
+    src = (pathlib.Path(__file__).parent.parent / "setup.py").read_text()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = {"os": os}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+    return ns
+
+
+@pytest.mark.parametrize("archs,cuda,flag,expected", [
+    ("8.0;9.0", "13.0", None, "8.0;9.0;9.0a"),
+    ("9.0+PTX", "12.4", None, "9.0+PTX;9.0a"),
+    ("8.0;9.0", "11.8", None, "8.0;9.0"),          # no sm_90a before CUDA 12
+    ("8.0;9.0", "13.0", "0", "8.0;9.0"),           # opted out
+    ("9.0;9.0a", "13.0", None, "9.0;9.0a"),        # already there
+    ("8.0", "13.0", None, "8.0"),                  # no Hopper image asked for
+    ("Hopper", "13.0", None, "Hopper"),            # named lists are left alone
+])
+def test_setup_adds_sm90a(monkeypatch, archs, cuda, flag, expected):
+    ns = _setup_function("_add_sm90a")
+
+    class _Version:
+        pass
+
+    class _Torch:
+        version = _Version()
+
+    _Torch.version.cuda = cuda
+    ns["torch"] = _Torch
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", archs)
+    if flag is None:
+        monkeypatch.delenv("FASTLAYERS_SM90A", raising=False)
+    else:
+        monkeypatch.setenv("FASTLAYERS_SM90A", flag)
+    ns["_add_sm90a"]()
+    import os
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
+
+
 @pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
 def test_no_grad_path_matches_torch(ours_cls, ref_cls, args, shape):
     """Under no_grad the ops are called without the autograd.Function; the

@@ -8,7 +8,7 @@ transposed. FASTLAYERS_NO_WGMMA=1 (read per call) switches it off, so the
 same products also run on the mma.sync kernel (gemm_tc) for comparison;
 FASTLAYERS_WGMMA_LOG=1 makes each wgmma launch print one stderr line, which
 tells whether the path really ran (it needs the sm_90a image: build with
-TORCH_CUDA_ARCH_LIST=9.0a, as benchmarks/gpu_check.sh does, or FASTLAYERS_SM90A=1).
+TORCH_CUDA_ARCH_LIST=9.0a, as benchmarks/gpu_check.sh does; setup.py adds it to a list with 9.0).
 On by default since its first GPU run; FASTLAYERS_CUDA_NEW=0 turns it off (the
 path-taken test checks that), so every test here pins FASTLAYERS_CUDA_NEW=1.
 References: float64 on the same rounded inputs; error relative to max |ref|.

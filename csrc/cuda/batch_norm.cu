@@ -450,10 +450,8 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // units), `rpi` rows side by side (cols * rpi <= 256), so a block reads one
 // contiguous range per iteration. Thread (tx, ty) walks rows r0 + ty, + rpi, ...
 // of its split's fixed row range [r0, r1) with U = 4 loads in flight, keeping per
-// channel lane a Welford state (statistics, of x minus the channel's value in row
-// 0: a pivot that keeps a large mean from rounding away the variance's digits, as
-// in the float32 Welford merges; the finalize adds it back in double) or sums
-// (backward) in registers; the
+// channel lane a Welford state (statistics; of x minus a per-channel pivot, see
+// bn_nhwc_pivot) or sums (backward) in registers; the
 // block merges rows ty = 0, 1, ... in that order (shared memory) and writes one
 // partial per channel: part[(c * splits + split) * K]. A warp per channel merges
 // the splits (lane k takes splits k, k + 32, ...; then a shuffle tree): fixed
@@ -491,6 +489,18 @@ inline BNRows bn_rows(const BNDesc& d, int L) {
 inline bool bn_nhwc_ok(const BNDesc& d) {
   return new_paths_enabled() && d.channels_last && d.N > 0 && d.S > 0 && d.C > 0 &&
          d.N * d.C * d.S < (int64_t(1) << 31) && ceil_div(d.C, kBNThreads) <= 65535;
+}
+
+// The statistics kernel accumulates x - pivot, the finalize adds the pivot back
+// in double: the channel's value in row 0 (element c of the NHWC data), or 0 when
+// that is not finite (inf - inf would make every shifted value NaN). With a mean
+// far from 0 (1000 +- 0.5 in the tests) the float32 Welford merges otherwise round
+// at the mean's magnitude: grad_weight came out 1.2e-2 off on the H200.
+template <typename S>
+FL_HD __forceinline__ typename Num<S>::Acc bn_nhwc_pivot(const S* x, int64_t c) {
+  using Acc = typename Num<S>::Acc;
+  const Acc v = Num<S>::to_acc(x[c]);
+  return v - v == Acc(0) ? v : Acc(0);   // false for inf and NaN
 }
 
 // Thread (tx, ty) of block (sp, ch): its unit cu, its rows [r0 + ty, r1) step rpi;
@@ -583,7 +593,7 @@ __global__ void __launch_bounds__(kBNThreads)
 #pragma unroll
   for (int l = 0; l < L; ++l) {
     n[l] = mean[l] = m2[l] = Acc(0);
-    piv[l] = active ? Num<S>::to_acc(x[cu * L + l]) : Acc(0);   // row 0: the pivot
+    piv[l] = active ? bn_nhwc_pivot(x, int64_t(cu) * L + l) : Acc(0);
   }
   if (active) bn_nhwc_stats_thread<S, L>(g, x, cu, r, r1, piv, n, mean, m2);
   if (active && tid >= g.cols)
@@ -716,10 +726,11 @@ __global__ void __launch_bounds__(kBNThreads)
   }
 }
 
-// Warp-per-channel finalizes of the [C][splits] partials (blockDim.x a multiple of 32).
-template <typename Acc>
+// Warp-per-channel finalizes of the [C][splits] partials (blockDim.x a multiple of 32);
+// the statistics one adds back the pivot of x (NHWC data).
+template <typename S, typename Acc = typename Num<S>::Acc>
 __global__ void bn_stats_finalize_warp(BNDesc d, DType pdt, const Acc* __restrict__ part,
-                                       int64_t splits, DType xdt, const void* x,
+                                       int64_t splits, const S* x,
                                        const void* weight, const void* bias,
                                        void* running_mean, void* running_var, double momentum,
                                        double eps, Acc* save_mean, Acc* save_invstd, Acc* coef) {
@@ -739,8 +750,9 @@ __global__ void bn_stats_finalize_warp(BNDesc d, DType pdt, const Acc* __restric
       welford_merge<double>(n, mean, m2, nb, mb, m2b);
     }
     if (lane == 0)
-      bn_stats_epilogue<Acc>(d, pdt, c, n, mean + load_any<double>(x, xdt, c), m2, weight, bias, running_mean, running_var,
-                             momentum, eps, save_mean, save_invstd, coef);
+      bn_stats_epilogue<Acc>(d, pdt, c, n, mean + double(bn_nhwc_pivot(x, c)), m2, weight,
+                             bias, running_mean, running_var, momentum, eps, save_mean,
+                             save_invstd, coef);
   }
 }
 
@@ -1177,8 +1189,8 @@ int batch_norm_train(const BNDesc& d, DType dt, DType pdt, const void* x, const 
             g, static_cast<const S*>(x), part);
         int err = last_error();
         if (err) return err;
-        bn_stats_finalize_warp<Acc><<<grid_for(d.C * 32, 256), 256, 0, stream>>>(
-            d, pdt, part, g.splits, dt, x, weight, bias, running_mean, running_var, momentum, eps,
+        bn_stats_finalize_warp<S><<<grid_for(d.C * 32, 256), 256, 0, stream>>>(
+            d, pdt, part, g.splits, static_cast<const S*>(x), weight, bias, running_mean, running_var, momentum, eps,
             static_cast<Acc*>(save_mean), static_cast<Acc*>(save_invstd), coef);
         if ((err = last_error())) return err;
         bn_apply_nhwc<S, L><<<dim3(g.splits, g.chunks), kBNThreads, 0, stream>>>(

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "launchers.h"
 
@@ -99,7 +100,7 @@ inline int last_error() { return int(cudaGetLastError()); }
 // are tested and timed on the same data (benchmarks/gpu_check.sh runs both).
 inline bool new_paths_enabled() {
   const char* e = std::getenv("FASTLAYERS_CUDA_NEW");
-  return e == nullptr || e[0] != '0';
+  return e == nullptr || std::strcmp(e, "0") != 0;   // as env_flag reads "0"
 }
 
 // Decomposes a linear index in memory order of a dense 4-D tensor into

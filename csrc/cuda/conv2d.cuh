@@ -90,7 +90,9 @@ inline bool conv_index32(const ConvDesc& d) {
   const int64_t wsz[4] = {d.K, d.C / (d.groups > 0 ? d.groups : 1), d.R, d.S};
   const int64_t ysz[4] = {d.N, d.K, d.P + d.H + d.pad_h + d.dil_h * d.R, d.Q + d.W + d.pad_w + d.dil_w * d.S};
   const int64_t lim = int64_t(1) << 30;
-  return extent(xsz, d.x_str) < lim && extent(wsz, d.w_str) < lim && extent(ysz, d.y_str) < lim &&
+  // The coordinates themselves too (a stride 0 would leave them out of the extents).
+  return xsz[2] < lim && xsz[3] < lim && ysz[2] < lim && ysz[3] < lim &&
+         extent(xsz, d.x_str) < lim && extent(wsz, d.w_str) < lim && extent(ysz, d.y_str) < lim &&
          ConvGeom(d).small;
 }
 

@@ -390,10 +390,14 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int64_t groups, DType
   } else if (dt == DType::F32 && M > 96 && N > 96 && tiles_of(128, 128) >= kWave) {
     pl.cfg = 1; pl.BM = 128; pl.BN = 128;
   } else if (dt == DType::F32 && N > 96 &&
-             (tiles_of(64, 128) >= kWave || (tiles_of(64, 64) < kWave && K >= 1024))) {
-    // 64x128 also when the GEMM is split along K below (the splits fill the GPU
-    // either way): conv wgrad 32x64x56x56 k3 -> 64 (M 64, N 576, K 100352) ran
-    // 0.407 ms with 64x128 tiles against 0.625 ms with 64x64 (H200, 2026-11-28).
+             (tiles_of(64, 128) >= kWave ||
+              (tiles_of(64, 64) < kWave && K >= 1024 &&
+               tiles_of(64, 128) * (K / 256 < 64 ? K / 256 : 64) >= kWave))) {
+    // 64x128 also when the split along K below still fills the GPU with them
+    // (the split count is capped at K / 256 and 64): conv wgrad 32x64x56x56
+    // k3 -> 64 (M 64, N 576, K 100352) ran 0.407 ms with 64x128 tiles against
+    // 0.625 ms with 64x64, Linear 512x1024->1024 fwd+bwd 0.55x -> 0.72x torch
+    // (H200, 2026-11-28).
     pl.cfg = 3; pl.BM = 64; pl.BN = 128;
   }
   // Benchmarking knob: FASTLAYERS_SIMT_CFG=0/1/3 forces a float32 tile config.
