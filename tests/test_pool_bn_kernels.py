@@ -370,8 +370,9 @@ def test_bn_batch0_keeps_running_stats():
 
 @pytest.mark.parametrize("strided", [False, True])
 def test_bn_running_stats_updated_in_place(strided):
-    # Dense buffers are written directly, strided views through a copy; both
-    # must end up as torch's update, in the same storage.
+    # Dense buffers and strided views are written in place through their
+    # strides: torch's update, in the same storage, and (as torch's CPU
+    # kernel) without bumping the version counters.
     torch.manual_seed(0)
     x = torch.randn(4, 5, 6, 7) * 3 + 2
     if strided:
@@ -384,6 +385,7 @@ def test_bn_running_stats_updated_in_place(strided):
     y, sm, si = ops.batch_norm_train(x, None, None, rm, rv, 0.3, 1e-5)
     assert rm.data_ptr() == ptr_m and rv.data_ptr() == ptr_v
     assert rm.is_contiguous() != strided
+    assert (rm._version, rv._version) == (rm_ref._version, rv_ref._version)
     torch.testing.assert_close(rm, rm_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rv, rv_ref, rtol=1e-6, atol=1e-6)
     # save_mean / save_invstd are fresh tensors, not the buffers

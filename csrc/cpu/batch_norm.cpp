@@ -438,23 +438,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
     if (has(running_mean)) {
       auto rm = to_double<scalar_t>(running_mean, C, 0.0);
       auto rv = to_double<scalar_t>(running_var, C, 0.0);
-      // Updated in place when the buffers are dense (the usual case: two
-      // fewer allocations and copies per call, which on small layers is a
-      // measurable part of the op), else through a dense copy.
-      const bool dense = running_mean->is_contiguous() && running_var->is_contiguous();
-      at::Tensor nm = dense ? *running_mean : at::empty({C}, input.options());
-      at::Tensor nv = dense ? *running_var : at::empty({C}, input.options());
-      scalar_t* pm = nm.mutable_data_ptr<scalar_t>();
-      scalar_t* pv = nv.mutable_data_ptr<scalar_t>();
+      // Written in place through the (1-D) strides, as torch's kernel does: no
+      // copy, and like torch's the buffers' version counters are not bumped.
+      scalar_t* pm = running_mean->mutable_data_ptr<scalar_t>();
+      scalar_t* pv = running_var->mutable_data_ptr<scalar_t>();
+      const int64_t sm_st = running_mean->stride(0), sv_st = running_var->stride(0);
       // Unbiased variance; M == 1 gives inf/nan as torch (Python checks M > 1).
       const double unbias = M / (M - 1.0);
       for (int64_t c = 0; c < C; ++c) {
-        pm[c] = static_cast<scalar_t>((1.0 - momentum) * rm[c] + momentum * mean[c]);
-        pv[c] = static_cast<scalar_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / M) * unbias);
-      }
-      if (!dense) {
-        running_mean->copy_(nm);
-        running_var->copy_(nv);
+        pm[c * sm_st] = static_cast<scalar_t>((1.0 - momentum) * rm[c] + momentum * mean[c]);
+        pv[c * sv_st] =
+            static_cast<scalar_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / M) * unbias);
       }
     }
   });
