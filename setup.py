@@ -30,8 +30,8 @@ def _want_cuda():
 def _add_sm90a():
     """The wgmma GEMM (csrc/cuda/gemm_wgmma.cu) needs an sm_90a image: when the
     arch list has 9.0, add 9.0a (torch then passes -gencode
-    arch=compute_90a,code=sm_90a for every .cu; the sm_90 image stays, and the
-    driver loads the sm_90a one on Hopper). Extra arch flags in nvcc's
+    arch=compute_90a,code=sm_90a for every .cu; the sm_90 image stays, and on
+    Hopper the driver is expected to load the sm_90a one). Extra arch flags in nvcc's
     extra_compile_args would make torch drop its own arch flags, hence the
     list. FASTLAYERS_SM90A=0 leaves it out (the wgmma GEMM then declines and the
     mma.sync kernel runs), and so does a CUDA older than 12.0 (no sm_90a there).
