@@ -35,7 +35,7 @@ F32 = 4
 @dataclass
 class Case:
     name: str
-    kind: str                # "linear", "conv", "pool", "bn", "gemm"
+    kind: str                # "linear", "conv", "pool", "bn", "gemm", "model"
     make: Callable           # (ns) -> module
     shape: tuple
     flops: float = 0.0       # forward FLOPs (compute-bound cases)
@@ -152,7 +152,39 @@ def odd_suite() -> List[Case]:
     ]
 
 
-SUITES = {"main": suite, "odd": odd_suite}
+def _model_case(label, model, shape, **kw) -> Case:
+    """A whole network of fastlayers.models (its torch.nn twin on the other
+    side, same weights): what a user's training step sees, the layers' work
+    plus everything between them (activations, pooling heads, autograd)."""
+    from .models import get_model
+
+    def make(ns):
+        return get_model(model, num_classes=10, in_channels=shape[1], image_size=shape[2],
+                         layers="torch" if ns is torch.nn else "fastlayers", **kw)
+    # Forward FLOPs of the twin, counted by torch on one image (all of them
+    # scale with the batch): convolutions and matmuls, 2 per multiply-add.
+    # On the meta device: shapes only, no arithmetic.
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        net = make(torch.nn).eval()
+        x = torch.zeros((1,) + tuple(shape[1:]))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(x)
+    return Case(label, "model", make, shape, float(fc.get_total_flops()) * shape[0])
+
+
+def models_suite() -> List[Case]:
+    """Whole networks (`--suite models`), forward and one training step's
+    forward+backward, in training mode (BatchNorm on batch statistics)."""
+    return [
+        _model_case("LeNet-5 64x1x28x28 (the train CLI's)", "lenet5", (64, 1, 28, 28)),
+        _model_case("VGG-11-BN 16x3x32x32", "vgg11_bn", (16, 3, 32, 32)),
+        _model_case("ResNet-18 8x3x32x32 (CIFAR stem)", "resnet18", (8, 3, 32, 32)),
+        _model_case("ResNet-18 4x3x224x224 (ImageNet stem)", "resnet18", (4, 3, 224, 224)),
+    ]
+
+
+SUITES = {"main": suite, "odd": odd_suite, "models": models_suite}
 
 
 # ------------------------------------------------------------------ measuring
@@ -367,7 +399,8 @@ def main(argv=None):
     ap.add_argument("--cases", default="", help="comma-separated substrings selecting cases")
     ap.add_argument("--suite", default="main", choices=sorted(SUITES),
                     help="main: the issues' cases; odd: unusual shapes (batch 1, odd sizes, "
-                         "3-D Linear input, strided / dilated / grouped / 1x1 convs, ceil_mode)")
+                         "3-D Linear input, strided / dilated / grouped / 1x1 convs, ceil_mode); "
+                         "models: whole networks (LeNet-5, VGG-11-BN, ResNet-18)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per timing series")
     # 9: heavy cases (0.1-0.5 s a step) get no more than the minimum within the
     # budget, and on the shared development VM a median of 5 read Conv

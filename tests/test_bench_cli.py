@@ -58,3 +58,43 @@ def test_bench_cli_odd_suite(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     names = [r["case"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]]
     assert names == ["Linear 3-D 8x50x300->200", "MaxPool odd 7x5x31x29 k3s2 ceil"]
+
+
+def test_models_suite_cases_build_and_match_torch():
+    """Every network of `--suite models` builds with both layer sets, the two
+    share weights and give the same output (eval mode, so BatchNorm uses the
+    same running statistics and dropout is off), and its FLOP count is the
+    one torch's counter gives for the whole batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import fastlayers
+    from fastlayers.bench import models_suite
+    cases = models_suite()
+    assert len(cases) >= 3
+    for case in cases:
+        torch.manual_seed(0)
+        ref = case.make(torch.nn).eval()
+        ours = case.make(fastlayers).eval()
+        ours_layers = (fastlayers.Linear, fastlayers.Conv2d, fastlayers.MaxPool2d,
+                       fastlayers.BatchNorm2d)
+        assert any(isinstance(m, fastlayers.Conv2d) for m in ours.modules()), case.name
+        assert not any(isinstance(m, ours_layers) for m in ref.modules()), case.name
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn((2,) + tuple(case.shape[1:]))
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            want = ref(x)
+        torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-4)
+        assert case.flops == fc.get_total_flops() / 2 * case.shape[0], case.name
+
+
+def test_bench_cli_models_suite(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fastlayers", "bench", "--quick", "--no-memory",
+                        "--suite", "models", "--cases", "LeNet", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["LeNet-5 64x1x28x28 (the train CLI's)"]
+    r = rows[0]
+    assert r["kind"] == "model" and r["ours_fwdbwd_ms"] > 0 and r["torch_fwdbwd_ms"] > 0
+    assert r["ours_fwd_gflops"] > 0 and r["ours_saved_bytes"] > 0

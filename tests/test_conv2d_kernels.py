@@ -82,6 +82,9 @@ CASES = {
     # A 2.5 MiB weight: NHWC column tiles over 512 KiB (a quarter of the
     # weight), several per image (72 of the 576 pixels).
     "via_nhwc_big_tiles": (2, 256, 24, 24, 272, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    # Small planes in the NHWC formulation: the rows of several images go
+    # into one GEMM (here 7 images of 3x3 pixels per GEMM: 7 + 3 for 10).
+    "multi_image_tail": (10, 256, 3, 3, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1),
 }
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}

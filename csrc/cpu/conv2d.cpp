@@ -153,39 +153,56 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   const int64_t budget =
       nhwc ? std::clamp(wbytes / 4, kColBudgetBytesFwd, kColBudgetBytesFwdMax) : kColBudgetBytesFwd;
   const int64_t tile = pixel_tile(s, sizeof(T), true, budget), ntiles = divup(PQ, tile);
+  // Small planes (one tile per image) in the NHWC formulation: the rows of
+  // up to ipt images go into one GEMM, whose packed weight is then streamed
+  // once per ipt images instead of once per image (16 x 512 x 4 x 4 k3p1:
+  // 16 pixels a GEMM streamed a 9 MiB weight per image).
+  int64_t ipt = 1;
+  if (nhwc && ntiles == 1) {
+    const int64_t tmax = std::max<int64_t>(64, budget / (rowlen * int64_t(sizeof(T))));
+    ipt = std::clamp<int64_t>(tmax / std::max<int64_t>(PQ, 1), 1, std::max<int64_t>(s.N, 1));
+  }
+  const int64_t nblk = divup(s.N, ipt);
   // NCHW: A = W_g; NHWC: B = W_g^T.
-  const PackedWeight<T> wpk(s, s.N * ntiles, !nhwc, nhwc, w);
+  const PackedWeight<T> wpk(s, nblk * ntiles, !nhwc, nhwc, w);
   // NCHW: im2col writes the GEMM's packed-B layout directly.
   const cpu::PackedBLayout lay = cpu::gemm_packed_b_layout<T>();
   const int64_t col_elems =
-      pw ? 0 : nhwc ? rowlen * tile : cpu::gemm_packed_b_size<T>(rowlen, tile);
-  cpu::run_chunks(s.N * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
+      pw ? 0 : nhwc ? rowlen * tile * ipt : cpu::gemm_packed_b_size<T>(rowlen, tile);
+  cpu::run_chunks(nblk * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {
     // NHWC buffers are left uninitialised: every element the GEMM reads is
     // written first (im2col_nhwc writes whole rows, zeros included).
     cpu::AlignedVector<T> col_nchw(nhwc ? 0 : col_elems);
     cpu::UninitBuffer<T> col_nhwc(nhwc ? col_elems : 0);
     T* const colp = nhwc ? col_nhwc.data() : col_nchw.data();
-    cpu::UninitBuffer<T> xt(via_nhwc ? s.C * HW : 0), yt(via_nhwc ? s.Kg * tile : 0);
+    cpu::UninitBuffer<T> xt(via_nhwc ? ipt * s.C * HW : 0), yt(via_nhwc ? s.Kg * tile * ipt : 0);
     int64_t xt_image = -1;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
+      // Images [n, n + ni) (ni > 1 only with one tile per image).
+      const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G * ipt;
+      const int64_t ni = std::min(ipt, s.N - n);
       const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
       GemmArgs<T> a;
       a.K = rowlen;
       if (via_nhwc) {
         if (n != xt_image) {
-          cpu::gemm_transpose<T>(s.C, HW, x + n * s.C * HW, HW, xt.data(), s.C);
+          for (int64_t j = 0; j < ni; ++j)
+            cpu::gemm_transpose<T>(s.C, HW, x + (n + j) * s.C * HW, HW,
+                                   xt.data() + j * s.C * HW, s.C);
           xt_image = n;
         }
-        a.M = pn; a.N = s.Kg;
-        cpu::im2col_nhwc(s, xt.data() + g * s.Cg, p0, p1, colp);
+        a.M = ni * pn; a.N = s.Kg;
+        for (int64_t j = 0; j < ni; ++j)
+          cpu::im2col_nhwc(s, xt.data() + j * s.C * HW + g * s.Cg, p0, p1, colp + j * pn * rowlen);
         a.A = colp; a.rsA = rowlen; a.csA = 1;
         a.B = w + g * s.Kg * rowlen; a.rsB = 1; a.csB = rowlen;
         a.packed_B = wpk.group(g);
         a.bias_n = b ? b + g * s.Kg : nullptr;
         a.C = yt.data(); a.rsC = s.Kg; a.csC = 1;
         cpu::gemm(a);
-        cpu::gemm_transpose<T>(pn, s.Kg, yt.data(), s.Kg, y + (n * s.K + g * s.Kg) * PQ + p0, PQ);
+        for (int64_t j = 0; j < ni; ++j)
+          cpu::gemm_transpose<T>(pn, s.Kg, yt.data() + j * pn * s.Kg, s.Kg,
+                                 y + ((n + j) * s.K + g * s.Kg) * PQ + p0, PQ);
         continue;
       } else if (!cl) {
         const T* xg = x + (n * s.C + g * s.Cg) * HW;
@@ -201,12 +218,15 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
         a.C = y + (n * s.K + g * s.Kg) * PQ + p0; a.rsC = PQ; a.csC = 1;
         a.bias_m = b ? b + g * s.Kg : nullptr;
       } else {
+        // Rows (image, pixel) of the ni images follow each other in X (a
+        // pointwise conv has HW == PQ) and in Y.
         const T* xn = x + n * HW * s.C + g * s.Cg;
-        a.M = pn; a.N = s.Kg;
+        a.M = ni * pn; a.N = s.Kg;
         if (pw) {
           a.A = xn + p0 * s.C; a.rsA = s.C; a.csA = 1;
         } else {
-          cpu::im2col_nhwc(s, xn, p0, p1, colp);
+          for (int64_t j = 0; j < ni; ++j)
+            cpu::im2col_nhwc(s, xn + j * HW * s.C, p0, p1, colp + j * pn * rowlen);
           a.A = colp; a.rsA = rowlen; a.csA = 1;
         }
         a.B = w + g * s.Kg * rowlen; a.rsB = 1; a.csB = rowlen;
@@ -279,21 +299,40 @@ void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* d
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW(), wsize = s.K * rowlen;
   const bool pw = s.pointwise();
   const int64_t tile = pixel_tile(s, sizeof(T), true, kColBudgetBytesWgrad), ntiles = divup(PQ, tile);
-  const int64_t items = s.N * s.G * ntiles;
+  const int64_t ld = cpu::im2col_nchw_ld<T>(tile);  // NCHW column rows: pixels, padded
+  // Small planes (one tile per image): the columns of up to ipt images side
+  // by side, one GEMM reducing over all their pixels, so dW is read and
+  // written once per ipt images instead of once per image (8 x 512 x 4 x 4
+  // k3p1: a 9 MiB dW for 16 pixels a GEMM). Budget as the NHWC forward's:
+  // up to a quarter of the weight, 1-4 MiB. Not for a pointwise NCHW conv
+  // (X is read in place, its images are not adjacent).
+  int64_t ipt = 1;
+  if (ntiles == 1 && !(pw && !cl)) {
+    const int64_t wbytes = wsize * int64_t(sizeof(T));
+    const int64_t budget = std::clamp(wbytes / 4, kColBudgetBytesWgrad, kColBudgetBytesFwdMax);
+    const int64_t tmax = std::max<int64_t>(64, budget / (rowlen * int64_t(sizeof(T))));
+    ipt = std::clamp<int64_t>(tmax / (cl ? PQ : ld), 1, std::max<int64_t>(s.N, 1));
+  }
+  const int64_t nblk = divup(s.N, ipt);
+  const int64_t items = nblk * s.G * ntiles;
   // A weight above kWgradPartialBytes gets no per-thread partial copies: the
   // items then run in order on the caller, and each GEMM (and im2col)
   // parallelises inside it.
   const bool split = wsize * int64_t(sizeof(T)) <= kWgradPartialBytes;
   const int64_t nchunks = split ? cpu::planned_chunks(items) : 1;
-  const int64_t ld = cpu::im2col_nchw_ld<T>(tile);  // NCHW column rows: pixels, padded
   // Chunk 0 accumulates straight into dw, chunk c > 0 into partial[c - 1].
   std::vector<T> partial(std::max<int64_t>(0, nchunks - 1) * wsize, T(0));
   std::fill(dw, dw + wsize, T(0));
   auto chunk = [&](int64_t c, int64_t i0, int64_t i1) {
     T* acc = c == 0 ? dw : partial.data() + (c - 1) * wsize;
-    cpu::AlignedVector<T> col(pw ? 0 : rowlen * (cl ? tile : ld));
+    cpu::AlignedVector<T> col(pw ? 0 : rowlen * (cl ? tile : ld) * ipt);
+    // NCHW, several images: their dY planes side by side, as the columns
+    // (zeros in the padding columns, which meet zero columns of col).
+    cpu::AlignedVector<T> dyb(!cl && ipt > 1 ? s.Kg * ld * ipt : 0);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G;
+      // Images [n, n + ni) (ni > 1 only with one tile per image).
+      const int64_t t = i % ntiles, g = (i / ntiles) % s.G, n = i / ntiles / s.G * ipt;
+      const int64_t ni = std::min(ipt, s.N - n);
       const int64_t p0 = t * tile, p1 = std::min(PQ, p0 + tile), pn = p1 - p0;
       GemmArgs<T> a;
       a.M = s.Kg; a.N = rowlen; a.K = pn;
@@ -302,17 +341,35 @@ void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* d
         a.A = dy + (n * s.K + g * s.Kg) * PQ + p0; a.rsA = PQ; a.csA = 1;
         if (pw) {
           a.B = xg + p0; a.rsB = 1; a.csB = HW;
+        } else if (ipt > 1) {
+          const int64_t lda = ni * ld;  // ld == im2col_nchw_ld(PQ): one tile per image
+          for (int64_t j = 0; j < ni; ++j) {
+            cpu::im2col_nchw(s, xg + j * s.C * HW, 0, PQ, col.data() + j * ld, lda);
+            for (int64_t k = 0; k < s.Kg; ++k) {
+              const T* src = dy + ((n + j) * s.K + g * s.Kg + k) * PQ;
+              T* dst = dyb.data() + k * lda + j * ld;
+              std::copy(src, src + PQ, dst);
+              std::fill(dst + PQ, dst + ld, T(0));
+            }
+          }
+          a.A = dyb.data(); a.rsA = lda; a.csA = 1;
+          a.B = col.data(); a.rsB = 1; a.csB = lda;
+          a.K = lda;
         } else {
           cpu::im2col_nchw(s, xg, p0, p1, col.data());
           a.B = col.data(); a.rsB = 1; a.csB = cpu::im2col_nchw_ld<T>(pn);
         }
       } else {
+        // Rows (image, pixel) of the ni images follow each other in dY and X
+        // (a pointwise conv has HW == PQ).
         const T* xn = x + n * HW * s.C + g * s.Cg;
         a.A = dy + (n * PQ + p0) * s.K + g * s.Kg; a.rsA = 1; a.csA = s.K;
+        a.K = ni * pn;
         if (pw) {
           a.B = xn + p0 * s.C; a.rsB = s.C; a.csB = 1;
         } else {
-          cpu::im2col_nhwc(s, xn, p0, p1, col.data());
+          for (int64_t j = 0; j < ni; ++j)
+            cpu::im2col_nhwc(s, xn + j * HW * s.C, p0, p1, col.data() + j * pn * rowlen);
           a.B = col.data(); a.rsB = rowlen; a.csB = 1;
         }
       }

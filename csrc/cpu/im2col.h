@@ -27,7 +27,9 @@ namespace fastlayers::cpu {
 //            Cg*R*S rows, N = p1 - p0 pixels), so the GEMM takes the buffer as
 //            packed_B and no separate packing pass reads it again (forward).
 //            Buffer: gemm_packed_b_size<T>(Cg*R*S, p1 - p0) elements.
-//  row-major: [Cg*R*S, ld] with ld = im2col_nchw_ld(p1 - p0) (grad_weight).
+//  row-major: [Cg*R*S, im2col_nchw_ld(p1 - p0)] columns, rows ld apart
+//            (ld >= im2col_nchw_ld(p1 - p0); grad_weight, which may put
+//            several images' columns side by side).
 template <typename T>
 int64_t im2col_nchw_ld(int64_t n) {
   const int64_t R = gemm_packed_b_layout<T>().R;
@@ -36,9 +38,10 @@ int64_t im2col_nchw_ld(int64_t n) {
 
 template <typename T>
 void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
-                         const PackedBLayout& L, bool packed, T* col) {
+                         const PackedBLayout& L, bool packed, T* col, int64_t ld = 0) {
   const int64_t n = p1 - p0, RS = s.RS(), K = s.Cg * RS, R = L.R;
   const int64_t Nr = (n + R - 1) / R * R;
+  if (ld < Nr) ld = Nr;
   // Which input element (or zero) each lane gets depends on (r, q) and the
   // pixel, not on the channel: so describe each (r, q) row once, then replay
   // the description for every channel. With stride 1 a sliver is a few
@@ -114,7 +117,7 @@ void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
       for (int64_t rq = 0; rq < RS; ++rq) {
         const int64_t k = c * RS + rq, kb = packed ? k / L.KC * L.KC : k;
         const int64_t sl = packed ? R * std::min(L.KC, K - kb) : R;  // sliver stride
-        T* const row = packed ? col + kb * Nr + (k - kb) * R : col + k * Nr;
+        T* const row = packed ? col + kb * Nr + (k - kb) * R : col + k * ld;
         gemm_fill_b_row<T>(fills.data() + first_fill[rq], first_fill[rq + 1] - first_fill[rq],
                            xc, s.HW(), row, sl, R);
         for (int64_t u = first_run[rq]; u < first_run[rq + 1]; ++u) {
@@ -141,10 +144,12 @@ void im2col_nchw_packed(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
   im2col_nchw_slivers(s, x, p0, p1, L, true, col);
 }
 
-// Row-major columns [Cg*R*S, im2col_nchw_ld<T>(p1 - p0)].
+// Row-major columns [Cg*R*S, im2col_nchw_ld<T>(p1 - p0)], rows ld apart
+// (0: im2col_nchw_ld<T>(p1 - p0)).
 template <typename T>
-void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col) {
-  im2col_nchw_slivers(s, x, p0, p1, gemm_packed_b_layout<T>(), false, col);
+void im2col_nchw(const ConvShape& s, const T* x, int64_t p0, int64_t p1, T* col,
+                 int64_t ld = 0) {
+  im2col_nchw_slivers(s, x, p0, p1, gemm_packed_b_layout<T>(), false, col, ld);
 }
 
 // dx: channel 0 of this group in image n; dx += col2im(col).
