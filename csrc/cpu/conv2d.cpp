@@ -33,7 +33,11 @@
 //   tile   = min(P*Q, roundup16(ceil(P*Q / ntiles)))
 // and none for pointwise convs or the Cg == 1 direct kernels. So <= ~budget
 // per thread unless CgRS * 64 * sizeof(T) > budget, where the 64-pixel floor
-// wins. An NCHW forward run through the NHWC GEMM (via_nhwc) adds per thread
+// wins. When an image is one tile (small planes), the NHWC-formulation forward
+// and grad_weight give one GEMM the tiles of as many images as tmax pixels
+// hold (images_per_gemm), within the same budget (grad_weight: up to a quarter
+// of the weight, 1-4 MiB), so a big weight or dW is streamed once per group
+// of images; grad_weight on NCHW adds those images' dY planes side by side. An NCHW forward run through the NHWC GEMM (via_nhwc) adds per thread
 // the transposed image, C*H*W elements (at most 2 MiB), and a Kg x tile
 // result buffer, plus the weight permuted once per op.
 // E.g. float, 2 threads, forward: 32x64x32x32 k3p1 -> 576 x 208 = 468 KiB/thread,
@@ -93,12 +97,29 @@ int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Pixels per column-buffer tile (see the workspace note above). With fewer
 // images*groups than threads, a large image is cut into a multiple of the
 // thread count of tiles so the tiles can be spread over the threads.
+// Most pixels a column buffer of `budget` bytes holds (at least 64).
+int64_t tile_pixels_max(const ConvShape& s, int64_t elem_bytes, int64_t budget) {
+  return std::max<int64_t>(64, budget / (std::max<int64_t>(1, s.CgRS()) * elem_bytes));
+}
+
+// Column budget of a GEMM that streams the whole weight once per tile: up to
+// a quarter of the weight's bytes, at least `lo`, at most kColBudgetBytesFwdMax.
+int64_t weight_scaled_budget(int64_t weight_bytes, int64_t lo) {
+  return std::clamp(weight_bytes / 4, lo, kColBudgetBytesFwdMax);
+}
+
+// With one tile per image: how many images share a GEMM, as many as the
+// budget's pixels hold at `width` pixels (columns) each, at most N.
+int64_t images_per_gemm(const ConvShape& s, int64_t elem_bytes, int64_t budget, int64_t width) {
+  const int64_t tmax = tile_pixels_max(s, elem_bytes, budget);
+  return std::clamp<int64_t>(tmax / std::max<int64_t>(width, 1), 1, std::max<int64_t>(s.N, 1));
+}
+
 int64_t pixel_tile(const ConvShape& s, int64_t elem_bytes, bool split_for_threads,
                    int64_t budget = kColBudgetBytes) {
   const int64_t PQ = s.PQ();
   if (PQ == 0) return 1;
-  const int64_t rowlen = std::max<int64_t>(1, s.CgRS());
-  const int64_t tmax = std::max<int64_t>(64, budget / (rowlen * elem_bytes));
+  const int64_t tmax = tile_pixels_max(s, elem_bytes, budget);
   int64_t ntiles = divup(PQ, tmax);
   const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
   if (split_for_threads && s.N * s.G < nt && PQ >= 2 * 64) {
@@ -150,18 +171,13 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   // NHWC: every tile's GEMM streams the whole (packed) weight from L3, so a
   // big weight gets bigger tiles, up to a quarter of its size.
   const int64_t wbytes = s.K * rowlen * int64_t(sizeof(T));
-  const int64_t budget =
-      nhwc ? std::clamp(wbytes / 4, kColBudgetBytesFwd, kColBudgetBytesFwdMax) : kColBudgetBytesFwd;
+  const int64_t budget = nhwc ? weight_scaled_budget(wbytes, kColBudgetBytesFwd) : kColBudgetBytesFwd;
   const int64_t tile = pixel_tile(s, sizeof(T), true, budget), ntiles = divup(PQ, tile);
   // Small planes (one tile per image) in the NHWC formulation: the rows of
   // up to ipt images go into one GEMM, whose packed weight is then streamed
   // once per ipt images instead of once per image (16 x 512 x 4 x 4 k3p1:
   // 16 pixels a GEMM streamed a 9 MiB weight per image).
-  int64_t ipt = 1;
-  if (nhwc && ntiles == 1) {
-    const int64_t tmax = std::max<int64_t>(64, budget / (rowlen * int64_t(sizeof(T))));
-    ipt = std::clamp<int64_t>(tmax / std::max<int64_t>(PQ, 1), 1, std::max<int64_t>(s.N, 1));
-  }
+  const int64_t ipt = nhwc && ntiles == 1 ? images_per_gemm(s, sizeof(T), budget, PQ) : 1;
   const int64_t nblk = divup(s.N, ipt);
   // NCHW: A = W_g; NHWC: B = W_g^T.
   const PackedWeight<T> wpk(s, nblk * ntiles, !nhwc, nhwc, w);
@@ -306,13 +322,12 @@ void grad_weight_gemm(const ConvShape& s, bool cl, const T* dy, const T* x, T* d
   // k3p1: a 9 MiB dW for 16 pixels a GEMM). Budget as the NHWC forward's:
   // up to a quarter of the weight, 1-4 MiB. Not for a pointwise NCHW conv
   // (X is read in place, its images are not adjacent).
-  int64_t ipt = 1;
-  if (ntiles == 1 && !(pw && !cl)) {
-    const int64_t wbytes = wsize * int64_t(sizeof(T));
-    const int64_t budget = std::clamp(wbytes / 4, kColBudgetBytesWgrad, kColBudgetBytesFwdMax);
-    const int64_t tmax = std::max<int64_t>(64, budget / (rowlen * int64_t(sizeof(T))));
-    ipt = std::clamp<int64_t>(tmax / (cl ? PQ : ld), 1, std::max<int64_t>(s.N, 1));
-  }
+  const int64_t ipt =
+      ntiles == 1 && !(pw && !cl)
+          ? images_per_gemm(s, sizeof(T),
+                            weight_scaled_budget(wsize * int64_t(sizeof(T)), kColBudgetBytesWgrad),
+                            cl ? PQ : ld)
+          : 1;
   const int64_t nblk = divup(s.N, ipt);
   const int64_t items = nblk * s.G * ntiles;
   // A weight above kWgradPartialBytes gets no per-thread partial copies: the
