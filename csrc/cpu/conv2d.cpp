@@ -175,7 +175,7 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   const int64_t tile = pixel_tile(s, sizeof(T), true, budget), ntiles = divup(PQ, tile);
   // Small planes (one tile per image) in the NHWC formulation: the rows of
   // up to ipt images go into one GEMM, whose packed weight is then streamed
-  // once per ipt images instead of once per image (16 x 512 x 4 x 4 k3p1:
+  // once per ipt images instead of once per image (8 x 512 x 4 x 4 k3p1:
   // 16 pixels a GEMM streamed a 9 MiB weight per image).
   const int64_t ipt = nhwc && ntiles == 1 ? images_per_gemm(s, sizeof(T), budget, PQ) : 1;
   const int64_t nblk = divup(s.N, ipt);
