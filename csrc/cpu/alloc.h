@@ -1,10 +1,14 @@
-// Output tensors of the CPU ops. Blocks of 2 MiB and more are 2 MiB aligned
-// and advised for transparent huge pages (MADV_HUGEPAGE), as torch itself does
-// when THP_MEM_ALLOC_ENABLE=1: a fresh 50 MB output then takes ~25 page faults
-// instead of ~12,000, which on this VM is ~20 ms of a 45 ms BatchNorm.
-// Freed blocks of 64 KiB and more are cached for reuse (bounded; see
-// alloc.cpp). Smaller blocks come from torch's CPU allocator. FASTLAYERS_THP=0 turns the
-// huge-page path off (read once).
+// Output tensors of the CPU ops, and (through workspace_alloc in gemm.h) the
+// kernels' large workspaces. Blocks of 64 KiB and more are pages mapped from
+// the kernel, outside glibc's heap, so they never fragment it; blocks of 2 MiB
+// and more are 2 MiB aligned and advised for transparent huge pages
+// (MADV_HUGEPAGE), as torch itself does when THP_MEM_ALLOC_ENABLE=1: a fresh
+// 50 MB output then takes ~25 page faults instead of ~12,000, which on this VM
+// is ~20 ms of a 45 ms BatchNorm. Freed blocks are cached for reuse, bounded,
+// and a miss unmaps cached blocks before it maps a new one, so the cache never
+// raises the peak (see alloc.cpp). Smaller blocks come from torch's CPU
+// allocator (workspaces: aligned_alloc). FASTLAYERS_THP=0 turns the huge-page
+// path off (read once).
 #pragma once
 #include <ATen/ATen.h>
 

@@ -91,15 +91,14 @@ KernelSet<double> kernels(Isa isa, double*) {
 struct Scratch {
   void* p = nullptr;
   size_t bytes = 0;
-  ~Scratch() { std::free(p); }
+  ~Scratch() { workspace_free(p, bytes); }
   void* get(size_t need) {
     if (need > bytes) {
-      std::free(p);
+      workspace_free(p, bytes);
       p = nullptr;
       bytes = 0;
       const size_t n = (need + 63) / 64 * 64;
-      p = std::aligned_alloc(64, n);
-      if (p == nullptr) throw std::bad_alloc();
+      p = workspace_alloc(n);
       bytes = n;
     }
     return p;

@@ -15,6 +15,12 @@
 
 namespace fastlayers::cpu {
 
+// Workspace memory (defined in alloc.cpp): 64-byte aligned; blocks of 64 KiB
+// and more are mapped pages shared with the output block cache, so large
+// transient buffers do not fragment glibc's heap (see alloc.h).
+void* workspace_alloc(size_t bytes);
+void workspace_free(void* p, size_t bytes);
+
 // Workspace for packed operands: 64-byte aligned, so every row of a packed
 // B sliver (16 floats with AVX2) is one cache line and no vector load splits
 // a line (std::vector's default allocator only guarantees 16 bytes).
@@ -24,12 +30,8 @@ struct Aligned64 {
   Aligned64() = default;
   template <typename U>
   Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) {
-    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
-    if (p == nullptr) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, size_t) { std::free(p); }
+  T* allocate(size_t n) { return static_cast<T*>(workspace_alloc(n * sizeof(T))); }
+  void deallocate(T* p, size_t n) { workspace_free(p, n * sizeof(T)); }
   template <typename U>
   bool operator==(const Aligned64<U>&) const { return true; }
 };
@@ -41,14 +43,15 @@ using AlignedVector = std::vector<T, Aligned64<T>>;
 template <typename T>
 class UninitBuffer {
  public:
-  explicit UninitBuffer(size_t n) : p_(n ? Aligned64<T>().allocate(n) : nullptr) {}
-  ~UninitBuffer() { std::free(p_); }
+  explicit UninitBuffer(size_t n) : p_(n ? Aligned64<T>().allocate(n) : nullptr), n_(n) {}
+  ~UninitBuffer() { if (p_) Aligned64<T>().deallocate(p_, n_); }
   UninitBuffer(const UninitBuffer&) = delete;
   UninitBuffer& operator=(const UninitBuffer&) = delete;
   T* data() const { return p_; }
 
  private:
   T* p_;
+  size_t n_;
 };
 
 template <typename T>
