@@ -48,6 +48,7 @@
 
 #include "batch_norm_kernels.h"
 #include "alloc.h"
+#include "stream_copy.h"
 #include "common.h"
 #include "isa.h"
 
@@ -76,7 +77,7 @@ constexpr int64_t kMaxRows = 256;
 // the G channels' data (<= kGroupCache values per tensor) stays in L2.
 constexpr int64_t kGroupValues = 1024;
 constexpr int64_t kGroupCache = 32768;
-constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs this big: streaming stores
+using cpu::kStreamBytes;  // outputs this big: streaming stores
 
 // Orders this thread's streaming stores before what follows (the end of the
 // parallel region).

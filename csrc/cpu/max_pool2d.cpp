@@ -39,6 +39,7 @@
 #include "common.h"
 #include "isa.h"
 #include "max_pool2d_kernels.h"
+#include "stream_copy.h"
 
 namespace fastlayers {
 namespace {
@@ -49,8 +50,8 @@ using cpu::PoolRowsArgs;
 // Outputs this big are written with streaming stores (SIMD ISAs): planes are
 // computed into a thread-local buffer (planes up to kStreamPlaneBytes), then
 // streamed out, so the output is not read from memory before being written.
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
-constexpr int64_t kStreamPlaneBytes = int64_t(1) << 20;
+using cpu::kStreamBytes;
+using cpu::kStreamPlaneBytes;
 
 struct Geom {
   int64_t N, C, H, W, OH, OW;
@@ -417,8 +418,8 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
         cpu::max_pool2d_k3s2_vmerge_avx2(hm.data(), hi.data(), kh.data(), n, OW, yr, orow);
       }
       if (nt) {
-        cpu::max_pool2d_stream_copy_avx2(y + pl * P, yp, P * 4);
-        cpu::max_pool2d_stream_copy_avx2(o + pl * P, op, P);
+        cpu::stream_copy_avx2(y + pl * P, yp, P * 4);
+        cpu::stream_copy_avx2(o + pl * P, op, P);
       }
     }
     if (nt) _mm_sfence();
@@ -587,7 +588,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& off, at::Tensor& gi, 
           scatter_row(x + origin(oh, 0), y, o, w_lo, w_hi, sW, 1, relp, nt);
           for (int64_t ow = w_hi; ow < OW; ++ow) slow(ow);
         }
-        if (stream) cpu::max_pool2d_stream_copy_avx2(dx + pl * HW, x, HW * sizeof(T));
+        if (stream) cpu::stream_copy_avx2(dx + pl * HW, x, HW * sizeof(T));
       }
       if (stream) _mm_sfence();
     });

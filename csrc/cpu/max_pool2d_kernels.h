@@ -64,9 +64,6 @@ void max_pool2d_k3s2_hrow_avx2(const float* row, int64_t W, int64_t pW, int64_t 
 void max_pool2d_k3s2_vmerge_avx2(const float* const* hm, const int32_t* const* hi,
                                  const int32_t* kh, int64_t nrows, int64_t OW, float* out,
                                  uint8_t* off);
-// dst = src (n bytes), non-temporal stores for dst's whole cache lines; the
-// caller issues _mm_sfence before the data is read by another thread.
-void max_pool2d_stream_copy_avx2(void* dst, const void* src, int64_t n);
 void max_pool2d_pixel_avx2(const PoolPixelArgs& a);
 void max_pool2d_rows_avx512(const PoolRowsArgs& a);
 void max_pool2d_pixel_avx512(const PoolPixelArgs& a);
