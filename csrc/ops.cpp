@@ -96,6 +96,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "Free the cached huge-page output blocks; returns the bytes freed.");
   mod.def("cached_bytes", &fastlayers::cpu::cached_bytes,
           "Bytes of freed output blocks held for reuse.");
+  mod.def("blocks_mapped", &fastlayers::cpu::blocks_mapped,
+          "Fresh output/workspace blocks mapped so far (block-cache misses).");
   mod.def("fma_peak_gflops", &fastlayers::fma_peak_gflops, pybind11::arg("iters") = 200000000,
           "Measured fp32 FMA peak over all threads, GFLOP/s (benchmark roofline).");
 }

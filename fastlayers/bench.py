@@ -13,6 +13,16 @@ fresh process per library, with the inputs already in memory. That peak holds
 the outputs, gradients, saved tensors and every workspace (im2col tiles,
 packed weights, oneDNN scratchpads); it is the one memory figure both
 libraries can be measured by alike. Writes JSON and a PNG chart.
+
+Torch's own large blocks come from glibc's malloc, which (by default) maps
+blocks above its mmap threshold fresh and hands freed heap tops back to the
+kernel, so some torch ops page-fault on every call while others reuse the heap,
+depending on the process's history: torch's depthwise Conv2d forward on
+32x32x56x56 reads 27-31 ms in one process and 5.7 ms in another. `--malloc
+keep` makes glibc keep and reuse what it frees (M_MMAP_MAX=0,
+M_TRIM_THRESHOLD=2^31-1; fastlayers' own blocks are unaffected, they are mapped
+and cached by fastlayers): torch then gets a caching allocator too, and its
+times no longer depend on that history.
 """
 import argparse
 import json
@@ -238,7 +248,8 @@ def peak_step_mb(case_index: int, lib: str, threads: int, suite_name: str = "mai
     in a fresh process (Linux /proc high-water mark)."""
     code = ("from fastlayers.bench import _memprobe; "
             f"print(_memprobe({case_index}, {lib!r}, {threads}, {suite_name!r}))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, **_MALLOC_ENV))
     if r.returncode != 0:
         raise RuntimeError(f"memory probe failed: {r.stderr[-2000:]}")
     return float(r.stdout.strip().splitlines()[-1])
@@ -393,6 +404,23 @@ def plot(rows, path):
     plt.close(fig)
 
 
+# Set by --malloc keep: the same glibc settings for the memory probes' processes.
+_MALLOC_ENV = {}
+_KEEP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 31 - 1)}
+
+
+def keep_freed_memory() -> None:
+    """glibc: serve every block from the heap and never trim it (M_MMAP_MAX=0,
+    M_TRIM_THRESHOLD=2^31-1), here and in the probes' processes."""
+    import ctypes
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if not hasattr(libc, "mallopt") or not (libc.mallopt(M_MMAP_MAX, 0)
+                                            and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        raise SystemExit("--malloc keep needs glibc's mallopt")
+    _MALLOC_ENV.update(_KEEP)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastlayers bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -412,7 +440,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small budget, for a smoke run")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the per-step peak-memory probes (two subprocesses per case)")
+    ap.add_argument("--malloc", default="default", choices=["default", "keep"],
+                    help="keep: glibc keeps and reuses freed memory, so torch's large "
+                         "blocks do not page-fault on every call (see above)")
     args = ap.parse_args(argv)
+    if args.malloc == "keep":
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -424,7 +457,8 @@ def main(argv=None):
     dram = measure_dram_gbs()
     info = fastlayers.build_info()
     print(f"fastlayers {info['version']} | torch {torch.__version__} | isa {info['cpu_isa']} | "
-          f"threads {torch.get_num_threads()} | {platform.processor() or platform.machine()}")
+          f"threads {torch.get_num_threads()} | {platform.processor() or platform.machine()} | "
+          f"malloc {args.malloc}")
     print(f"roofline (measured here): fp32 FMA peak {peak:.0f} GFLOP/s, DRAM copy {dram:.1f} GB/s"
           if peak else f"roofline: DRAM copy {dram:.1f} GB/s (no FMA path)")
     rows = []
@@ -448,6 +482,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     result = {"machine": {"processor": platform.processor(), "threads": torch.get_num_threads(),
                           "fma_peak_gflops": peak, "dram_copy_gbs": dram},
+              "malloc": args.malloc,
               "build": info, "torch": torch.__version__, "rows": rows,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(os.path.join(args.out, "bench.json"), "w") as f:

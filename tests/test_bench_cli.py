@@ -7,16 +7,46 @@ import sys
 
 def test_bench_cli_smoke(tmp_path):
     p = subprocess.run([sys.executable, "-m", "fastlayers", "bench", "--quick", "--cases",
-                        "Linear 64x784,MaxPool k2", "--out", str(tmp_path)],
+                        "Linear 64x784,MaxPool k2", "--out", str(tmp_path), "--malloc", "keep"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "bench.json").read_text())
     names = [r["case"] for r in res["rows"]]
     assert names == ["Linear 64x784->256", "MaxPool k2 64x6x28x28 (LeNet)"]
+    assert res["malloc"] == "keep"
     for r in res["rows"]:
         assert r["torch_fwd_ms"] > 0 and r["ours_fwd_ms"] > 0 and "ours_saved_bytes" in r
     assert res["rows"][1]["ours_saved_bytes"] * 4 <= res["rows"][1]["torch_saved_bytes"]
     assert "speedup" in p.stdout or "case" in p.stdout
+
+
+def test_malloc_keep_serves_torch_from_the_heap():
+    """--malloc keep: glibc serves a 32 MiB torch tensor from its heap (no
+    mmap'd chunk) and keeps it resident after it is freed; by default the
+    block is mmap'd and handed back."""
+    code = (
+        "import ctypes, sys, torch\n"
+        "from fastlayers.bench import keep_freed_memory\n"
+        "class MI(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd "
+        "usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+        "libc = ctypes.CDLL(None); libc.mallinfo2.restype = MI\n"
+        "if sys.argv[1] == 'keep': keep_freed_memory()\n"
+        "from fastlayers.bench import _status_kb\n"
+        "r0, h0 = _status_kb('VmRSS'), libc.mallinfo2().hblkhd\n"
+        "t = torch.ones(8 * 2 ** 20)  # 32 MiB, touched\n"
+        "mapped = libc.mallinfo2().hblkhd - h0\n"
+        "del t\n"
+        "kept = _status_kb('VmRSS') - r0\n"
+        "print(int(mapped >= 2 ** 25), int(kept >= 30 * 1024))\n"
+    )
+    out = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[mode] = r.stdout.split()
+    assert out == {"default": ["1", "0"], "keep": ["0", "1"]}
 
 
 def test_peak_memory_probe_sees_the_step():
