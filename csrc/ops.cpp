@@ -93,9 +93,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("probe_threads", &probe_threads);
   mod.def("with_cuda", &with_cuda);
   mod.def("empty_cache", &fastlayers::cpu::empty_cache,
-          "Free the cached huge-page output blocks; returns the bytes freed.");
+          "Free the cached output and workspace blocks; returns the bytes freed.");
   mod.def("cached_bytes", &fastlayers::cpu::cached_bytes,
-          "Bytes of freed output blocks held for reuse.");
+          "Bytes of freed output and workspace blocks held for reuse.");
   mod.def("blocks_mapped", &fastlayers::cpu::blocks_mapped,
           "Fresh output/workspace blocks mapped so far (block-cache misses).");
   mod.def("fma_peak_gflops", &fastlayers::fma_peak_gflops, pybind11::arg("iters") = 200000000,

@@ -33,9 +33,10 @@ def set_isa(name: str) -> str:
 
 
 def empty_cache() -> int:
-    """Free the output blocks (>= 64 KiB) fastlayers keeps for reuse after they
-    are freed, like torch.cuda.empty_cache(); returns the bytes freed. The cache
-    holds at most FASTLAYERS_CACHE_MB (default 256) MiB."""
+    """Free the blocks (outputs and kernel workspaces, >= 64 KiB) fastlayers
+    keeps for reuse after they are freed, like torch.cuda.empty_cache();
+    returns the bytes freed. The cache holds at most FASTLAYERS_CACHE_MB
+    (default 256) MiB."""
     return int(_C.empty_cache())
 
 
