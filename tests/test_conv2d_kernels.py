@@ -37,6 +37,12 @@ CASES = {
     "batch1": (1, 4, 9, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "batch0": (0, 4, 9, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "batch0_depthwise": (0, 4, 9, 9, 4, 3, 3, (1, 1), (1, 1), (1, 1), 4),
+    # Column-strided im2col (sW > 1) through the column-phase split: a
+    # ResNet-stem-like k7 s2 p3 with an odd width and two tiles cutting output
+    # rows, stride 3 with dilation (every phase used), stride only along W.
+    "split_stem_odd": (2, 3, 67, 61, 40, 7, 7, (2, 2), (3, 3), (1, 1), 1),
+    "split_s3_dilated": (2, 5, 23, 29, 36, 3, 3, (3, 3), (2, 2), (2, 2), 1),
+    "split_w_only": (2, 4, 9, 20, 36, 3, 3, (1, 2), (1, 1), (1, 1), 1),
     # Several pixel tiles per image (C*R*S = 576 -> ~450-pixel tiles), tiles
     # that cut output rows, one image (tiles spread over threads) and more.
     "multi_tile_n1": (1, 64, 32, 30, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1),
@@ -236,7 +242,8 @@ def test_every_isa(isa):
                      "sliver_rows_dilated", "multi_tile_n3", "dgrad_fwd_groups",
                      "dgrad_fwd_dil_nopad", "dgrad_fwd_kg1", "dgrad_fwd_cut_rows_n1",
                      "tiny_plane", "wgrad_pq1", "planes_7x7_groups", "via_nhwc_k40",
-                     "via_nhwc_groups_s2", "via_nhwc_dil_5x3"):
+                     "via_nhwc_groups_s2", "via_nhwc_dil_5x3", "split_stem_odd",
+                     "split_s3_dilated"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

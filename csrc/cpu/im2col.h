@@ -36,59 +36,99 @@ int64_t im2col_nchw_ld(int64_t n) {
   return (n + R - 1) / R * R;
 }
 
+// Column-strided convs (sW > 1) first split the input rows a tile needs by
+// column phase, xs[c][b][h - h0][j] = x[c][h][j * sW + b] (b < sW, j < Wp =
+// ceil(W / sW)): tap (r, q) then reads contiguous runs of phase plane
+// b = (q dW - pW) mod sW, filled with vector loads as at stride 1, instead of
+// a strided gather per lane (the ResNet stem, k7 s2 on 3 channels, spent
+// about as long in that gather as in its GEMM).
+template <typename T>
+void split_columns(const T* src, int64_t W, int64_t sW, int64_t Wp, T* dst, int64_t plane_ld) {
+  if (sW == 2) {  // the common case: one pass, the compiler vectorises it
+    T* d0 = dst;
+    T* d1 = dst + plane_ld;
+    const int64_t half = W / 2;
+    for (int64_t j = 0; j < half; ++j) { d0[j] = src[2 * j]; d1[j] = src[2 * j + 1]; }
+    if (W % 2) { d0[half] = src[W - 1]; d1[half] = T(0); }
+    return;
+  }
+  for (int64_t b = 0; b < sW; ++b) {
+    T* d = dst + b * plane_ld;
+    int64_t j = 0;
+    for (; j * sW + b < W; ++j) d[j] = src[j * sW + b];
+    for (; j < Wp; ++j) d[j] = T(0);
+  }
+}
+
 template <typename T>
 void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
                          const PackedBLayout& L, bool packed, T* col, int64_t ld = 0) {
   const int64_t n = p1 - p0, RS = s.RS(), K = s.Cg * RS, R = L.R;
   const int64_t Nr = (n + R - 1) / R * R;
   if (ld < Nr) ld = Nr;
+  const int64_t oh0 = p0 / s.Q, ow00 = p0 % s.Q;
+  // The source of channel c: x's plane (row stride W), or with sW > 1 its
+  // split rows [h0, h1) (row stride Wp, one block of rows per phase b).
+  const bool split = s.sW > 1;
+  int64_t h0 = 0, h1 = s.H;
+  if (split) {
+    const int64_t oh1 = (p1 - 1) / s.Q;  // the tile's last output row
+    h0 = std::clamp<int64_t>(oh0 * s.sH - s.pH, 0, s.H);
+    h1 = std::clamp<int64_t>(oh1 * s.sH - s.pH + (s.R - 1) * s.dH + 1, h0, s.H);
+  }
+  const int64_t nh = h1 - h0, Wp = split ? (s.W + s.sW - 1) / s.sW : s.W;
+  const int64_t plane = split ? s.sW * nh * Wp : s.HW();  // elements per channel
+  UninitBuffer<T> xs(split ? s.Cg * plane : 0);
   // Which input element (or zero) each lane gets depends on (r, q) and the
   // pixel, not on the channel: so describe each (r, q) row once, then replay
-  // the description for every channel. With stride 1 a sliver is a few
-  // SliverFills (one per output row it covers: vector loads, see
-  // gemm_fill_b_row); with other strides a list of runs that never cross it.
+  // the description for every channel. A sliver is a few SliverFills (one
+  // per output row it covers: vector loads, see gemm_fill_b_row).
   struct Run {
     int64_t sliver, lane, len;
-    int64_t src;  // offset in the channel plane, or -1: zeros
+    int64_t src;  // offset in the channel's source, or -1: zeros
   };
-  std::vector<Run> runs, sliver_runs;
+  std::vector<Run> sliver_runs;
   std::vector<SliverFill> fills;
-  std::vector<int64_t> first_run(RS + 1), first_fill(RS + 1);
-  // Moves the runs of one sliver from sliver_runs to fills (stride 1: one
-  // fill per data run, each a contiguous source; an all-zero sliver is one
-  // empty fill) or to runs (other strides).
+  std::vector<int64_t> first_fill(RS + 1);
+  // At most one fill per sliver and per output row a sliver covers, per (r, q):
+  // reserved, since growing the vector copied it about twice per tile.
+  fills.reserve(RS * (Nr / R + (p1 - 1) / s.Q - oh0 + 2));
+  // Moves the runs of one sliver from sliver_runs to fills (one fill per data
+  // run; an all-zero sliver is one empty fill).
   auto flush = [&]() {
     if (sliver_runs.empty()) return;
-    if (s.sW == 1) {
-      const size_t begin = fills.size();
-      for (const Run& e : sliver_runs)
-        if (e.src >= 0)
-          fills.push_back({e.sliver, e.src, static_cast<int32_t>(e.lane),
-                           static_cast<int32_t>(e.lane + e.len), false});
-      if (fills.size() == begin) fills.push_back({sliver_runs[0].sliver, 0, 0, 0, false});
-      fills.back().last = true;
-    } else {
-      runs.insert(runs.end(), sliver_runs.begin(), sliver_runs.end());
-    }
+    const size_t begin = fills.size();
+    for (const Run& e : sliver_runs)
+      if (e.src >= 0)
+        fills.push_back({e.sliver, e.src, static_cast<int32_t>(e.lane),
+                         static_cast<int32_t>(e.lane + e.len), false});
+    if (fills.size() == begin) fills.push_back({sliver_runs[0].sliver, 0, 0, 0, false});
+    fills.back().last = true;
     sliver_runs.clear();
   };
-  const int64_t oh0 = p0 / s.Q, ow00 = p0 % s.Q;
   for (int64_t r = 0; r < s.R; ++r) {
     for (int64_t q = 0; q < s.S; ++q) {
-      first_run[r * s.S + q] = static_cast<int64_t>(runs.size());
       first_fill[r * s.S + q] = static_cast<int64_t>(fills.size());
-      const int64_t off = q * s.dW - s.pW;
+      // Output column ow of input row ih reads base + ih * Wp + off + ow * step.
+      int64_t off = q * s.dW - s.pW, step = s.sW, width = s.W, base = 0;
+      if (split) {
+        const int64_t b = ((off % s.sW) + s.sW) % s.sW;
+        off = (off - b) / s.sW;
+        step = 1;
+        width = (s.W - b + s.sW - 1) / s.sW;  // columns of phase b
+        base = (b * nh - h0) * Wp;
+      }
       int64_t lo, hi;
-      valid_range(off, s.sW, s.W, s.Q, lo, hi);
+      valid_range(off, step, width, s.Q, lo, hi);
       int64_t j = 0;  // pixel index inside the tile
-      auto emit = [&](int64_t len, int64_t src) {  // src advances by sW per lane
+      auto emit = [&](int64_t len, int64_t src) {  // src advances by step (1) per lane
         while (len > 0) {
           const int64_t lane = j % R, m = std::min(len, R - lane);
           if (lane == 0) flush();
           sliver_runs.push_back({j / R, lane, m, src});
           j += m;
           len -= m;
-          if (src >= 0) src += m * s.sW;
+          if (src >= 0) src += m;
         }
       };
       for (int64_t p = p0, oh = oh0, ow0 = ow00; p < p1; ++oh, ow0 = 0) {
@@ -99,7 +139,7 @@ void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
         } else {
           const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
           emit(a - ow0, -1);
-          emit(b - a, ih * s.W + off + a * s.sW);
+          emit(b - a, base + ih * Wp + off + a * step);
           emit(ow1 - b, -1);
         }
         p += ow1 - ow0;
@@ -108,31 +148,23 @@ void im2col_nchw_slivers(const ConvShape& s, const T* x, int64_t p0, int64_t p1,
       flush();
     }
   }
-  first_run[RS] = static_cast<int64_t>(runs.size());
   first_fill[RS] = static_cast<int64_t>(fills.size());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, RS * n));
   at::parallel_for(0, s.Cg, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const T* xc = x + c * s.HW();
+      if (split) {
+        T* d = xs.data() + c * plane;
+        for (int64_t h = h0; h < h1; ++h)
+          split_columns(xc + h * s.W, s.W, s.sW, Wp, d + (h - h0) * Wp, nh * Wp);
+        xc = d;
+      }
       for (int64_t rq = 0; rq < RS; ++rq) {
         const int64_t k = c * RS + rq, kb = packed ? k / L.KC * L.KC : k;
         const int64_t sl = packed ? R * std::min(L.KC, K - kb) : R;  // sliver stride
         T* const row = packed ? col + kb * Nr + (k - kb) * R : col + k * ld;
         gemm_fill_b_row<T>(fills.data() + first_fill[rq], first_fill[rq + 1] - first_fill[rq],
-                           xc, s.HW(), row, sl, R);
-        for (int64_t u = first_run[rq]; u < first_run[rq + 1]; ++u) {
-          const Run& e = runs[u];
-          T* d = row + e.sliver * sl + e.lane;
-          if (e.src < 0) {
-            for (int64_t i = 0; i < e.len; ++i) d[i] = T(0);
-          } else if (s.sW == 2) {  // constant stride: the compiler vectorises the gather
-            const T* src = xc + e.src;
-            for (int64_t i = 0; i < e.len; ++i) d[i] = src[2 * i];
-          } else {
-            const T* src = xc + e.src;
-            for (int64_t i = 0; i < e.len; ++i) d[i] = src[i * s.sW];
-          }
-        }
+                           xc, plane, row, sl, R);
       }
     }
   });
