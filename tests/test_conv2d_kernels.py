@@ -43,6 +43,15 @@ CASES = {
     "split_stem_odd": (2, 3, 67, 61, 40, 7, 7, (2, 2), (3, 3), (1, 1), 1),
     "split_s3_dilated": (2, 5, 23, 29, 36, 3, 3, (3, 3), (2, 2), (2, 2), 1),
     "split_w_only": (2, 4, 9, 20, 36, 3, 3, (1, 2), (1, 1), (1, 1), 1),
+    # Implicit GEMM (NCHW, Cg < 16, Q a multiple of the sliver width, Kg > 32
+    # so not the flat kernels): a stem-like k7 s2 p3, K over one KC block
+    # with groups, one image split into row blocks over threads, stride 3
+    # dilated, unequal strides; Kg off the 6-row micro-tile.
+    "implicit_stem": (2, 3, 64, 64, 40, 7, 7, (2, 2), (3, 3), (1, 1), 1),
+    "implicit_kblocks_groups": (1, 30, 20, 32, 80, 5, 5, (1, 1), (2, 2), (1, 1), 2),
+    "implicit_n1_split": (1, 5, 40, 48, 36, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "implicit_s3_dil": (2, 4, 46, 46, 36, 3, 3, (3, 3), (2, 2), (2, 2), 1),
+    "implicit_s21": (2, 3, 21, 32, 40, 3, 3, (2, 1), (1, 1), (1, 1), 1),
     # Several pixel tiles per image (C*R*S = 576 -> ~450-pixel tiles), tiles
     # that cut output rows, one image (tiles spread over threads) and more.
     "multi_tile_n1": (1, 64, 32, 30, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1),
@@ -243,7 +252,8 @@ def test_every_isa(isa):
                      "dgrad_fwd_dil_nopad", "dgrad_fwd_kg1", "dgrad_fwd_cut_rows_n1",
                      "tiny_plane", "wgrad_pq1", "planes_7x7_groups", "via_nhwc_k40",
                      "via_nhwc_groups_s2", "via_nhwc_dil_5x3", "split_stem_odd",
-                     "split_s3_dilated"):
+                     "split_s3_dilated", "implicit_stem", "implicit_kblocks_groups",
+                     "implicit_n1_split"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

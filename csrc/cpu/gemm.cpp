@@ -42,9 +42,10 @@ void kernel_portable(const Tile<T>& t) {
   const T* a = t.A;
   const T* b = t.B;
   for (int64_t k = 0; k < t.kc; ++k) {
+    const T* bk = t.b_off ? t.B + t.b_off[k] : b;  // indirect_b
     for (int r = 0; r < MR; ++r) {
       const T ar = a[r * t.a_rs];
-      for (int j = 0; j < NR; ++j) acc[r][j] += ar * b[j];
+      for (int j = 0; j < NR; ++j) acc[r][j] += ar * bk[j];
     }
     a += t.a_ks;
     b += t.b_ks;
@@ -68,6 +69,7 @@ KernelSet<T> portable_kernels() {
   s.MC = 128; s.KC = 256; s.NC = 4096;
   s.packed_a = &kernel_portable<T, 4, 8>;
   s.strided_a = &kernel_portable<T, 4, 8>;
+  s.indirect_b = &kernel_portable<T, 4, 8>;
   return s;
 }
 
@@ -538,6 +540,50 @@ void gemm_transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* ds
         for (int64_t j = j0; j < std::min(cols, j0 + kB); ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 template <typename T>
+bool gemm_implicit_b_available() {
+  return gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr)).indirect_b != nullptr;
+}
+// Per R-lane sliver of C's columns, every MR-row tile with all of K (one
+// kernel call per KC block, accumulating in C), so the sliver's B rows stay
+// in L1 while the packed A streams from L2, as in gemm_block's jr / ir loops.
+template <typename T>
+void gemm_implicit_b(const ImplicitB<T>& g) {
+  using namespace gemm_detail;
+  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  TORCH_CHECK(ks.indirect_b && g.R == ks.NR,
+              "fastlayers: the CPU kernel path changed during a convolution");
+  const int MR = ks.MR, NR = ks.NR;
+  const int64_t Mr = round_up(g.M, MR);
+  constexpr int kTileMax = 256;
+  TORCH_INTERNAL_ASSERT(MR * NR <= kTileMax);
+  alignas(64) T ctile[kTileMax];
+  for (int64_t j0 = 0; j0 < g.n; j0 += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, g.n - j0));
+    for (int64_t i0 = 0; i0 < g.M; i0 += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, g.M - i0));
+      const bool full = mr == MR && nr == NR;
+      T* const c = g.C + i0 * g.ldc + j0;
+      Tile<T> t;
+      t.B = g.x + j0; t.b_ks = 0;
+      t.C = full ? c : ctile; t.ldc = full ? g.ldc : NR;
+      t.bias_n = nullptr;
+      for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
+        t.kc = std::min(ks.KC, g.K - pc);
+        t.A = g.packed_A + pc * Mr + i0 * t.kc; t.a_rs = 1; t.a_ks = MR;
+        t.b_off = g.k_off + pc;
+        t.beta = pc > 0;
+        t.bias_m = pc == 0 && full && g.bias_m ? g.bias_m + i0 : nullptr;
+        ks.indirect_b(t);
+      }
+      if (full) continue;
+      for (int r = 0; r < mr; ++r) {
+        const T bm = g.bias_m ? g.bias_m[i0 + r] : T(0);
+        for (int j = 0; j < nr; ++j) c[r * g.ldc + j] = ctile[r * NR + j] + bm;
+      }
+    }
+  }
+}
+template <typename T>
 void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst) {
   gemm_detail::pack_all(true, M, K, A, rsA, csA, dst);
 }
@@ -557,6 +603,10 @@ template void gemm_fill_b_row<double>(const SliverFill*, int64_t, const double*,
                                       double*, int64_t, int64_t);
 template void gemm_transpose<float>(int64_t, int64_t, const float*, int64_t, float*, int64_t);
 template void gemm_transpose<double>(int64_t, int64_t, const double*, int64_t, double*, int64_t);
+template bool gemm_implicit_b_available<float>();
+template bool gemm_implicit_b_available<double>();
+template void gemm_implicit_b<float>(const ImplicitB<float>&);
+template void gemm_implicit_b<double>(const ImplicitB<double>&);
 template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
 template void gemm_pack_b<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);

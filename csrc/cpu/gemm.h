@@ -90,6 +90,30 @@ int64_t gemm_packed_b_size(int64_t K, int64_t N);
 template <typename T>
 void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* dst);
 
+// A GEMM whose B is given by row offsets into x (an implicit-GEMM
+// convolution reads its input rows so, with no im2col):
+//   C[i * ldc + j] = (bias_m ? bias_m[i] : 0) + sum_k A(i, k) * x[k_off[k] + j]
+// for i < M, j < n, with A packed by gemm_pack_a (M x K). The kernels read B
+// in whole slivers: x[k_off[k] + j] must be readable for every j below n
+// rounded up to gemm_packed_b_layout<T>().R (the lanes past n are dropped).
+// Runs on the calling thread. Only when gemm_implicit_b_available<T>(): the
+// active ISA's kernels read B so (AVX2 and the portable kernels, not AVX-512).
+template <typename T>
+struct ImplicitB {
+  int64_t M = 0, n = 0, K = 0;
+  const T* packed_A = nullptr;
+  const T* x = nullptr;
+  const int64_t* k_off = nullptr;
+  T* C = nullptr;
+  int64_t ldc = 0;
+  const T* bias_m = nullptr;
+  int64_t R = 0;  // gemm_packed_b_layout<T>().R as the caller read it (checked)
+};
+template <typename T>
+bool gemm_implicit_b_available();
+template <typename T>
+void gemm_implicit_b(const ImplicitB<T>& g);
+
 // Where gemm_pack_b puts element (k, j) of a K x N operand, so a producer
 // (im2col) can write B straight into the packed layout: per block of KC rows
 // of K, R-column slivers stored k-major, lanes past N zero:

@@ -31,6 +31,8 @@ struct Tile {
   // Store the tile transposed: acc(r, j) goes to C[r + j * ldc] (only for
   // full tiles, and only to kernels whose KernelSet says store_t).
   bool c_trans = false;
+  // For KernelSet::indirect_b only: row k of B is at B + b_off[k] (b_ks unused).
+  const int64_t* b_off = nullptr;
 };
 
 template <typename T>
@@ -87,6 +89,7 @@ struct KernelSet {
   int64_t MC = 0, KC = 0, NC = 0;  // cache blocks: MC % MR == 0, NC % NR == 0
   MicroKernel<T> packed_a = nullptr;   // A(r, k) = A[r + k * MR] (a_rs, a_ks ignored)
   MicroKernel<T> strided_a = nullptr;  // A with any strides
+  MicroKernel<T> indirect_b = nullptr; // A packed, B rows at B + b_off[k]; may be null
   PackTransposed<T> pack_t = nullptr;  // may be null
   bool store_t = false;                // the kernels honour Tile::c_trans
   DotKernel<T> dot = nullptr;          // may be null

@@ -84,7 +84,9 @@ inline void store_t_6x16(__m256 (&v)[2][6], float* C, int64_t ldc, bool beta) {
 }
 
 // 6 x (2 * W) tile. kPackedA: A is a packed sliver (compile-time offsets).
-template <class S, bool kPackedA>
+// kIndirectB: row k of B is at t.B + t.b_off[k] (an implicit-GEMM convolution's
+// input rows), else at t.B + k * t.b_ks.
+template <class S, bool kPackedA, bool kIndirectB = false>
 void kernel_6x2(const Tile<typename S::T>& t) {
   using T = typename S::T;
   using V = typename S::V;
@@ -94,6 +96,7 @@ void kernel_6x2(const Tile<typename S::T>& t) {
   const int64_t b_ks = t.b_ks;
   const T* a = t.A;
   const T* b = t.B;
+  const int64_t* b_off = t.b_off;
   T* C = t.C;
   const int64_t ldc = t.ldc;
   const int64_t kc = t.kc;
@@ -114,10 +117,11 @@ void kernel_6x2(const Tile<typename S::T>& t) {
   }
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
-    const V b0 = S::load(b), b1 = S::load(b + W);
+    const T* bk = kIndirectB ? b + b_off[k] : b;
+    const V b0 = S::load(bk), b1 = S::load(bk + W);
     FL_ROWS6(FL_STEP)
     a += a_ks;
-    b += b_ks;
+    if (!kIndirectB) b += b_ks;
   }
 #undef FL_STEP
 
@@ -333,6 +337,7 @@ KernelSet<float> avx2_kernels_f32() {
   s.MC = 144; s.KC = 256; s.NC = 4080;
   s.packed_a = &kernel_6x2<F32, true>;
   s.strided_a = &kernel_6x2<F32, false>;
+  s.indirect_b = &kernel_6x2<F32, true, true>;
   s.pack_t = &pack_t_f32_avx2;
   s.dot = &gemm_dot_f32_avx2;
   s.fill_b_row = &fill_b_row_f32_avx2;
@@ -347,6 +352,7 @@ KernelSet<double> avx2_kernels_f64() {
   s.MC = 72; s.KC = 256; s.NC = 4080;
   s.packed_a = &kernel_6x2<F64, true>;
   s.strided_a = &kernel_6x2<F64, false>;
+  s.indirect_b = &kernel_6x2<F64, true, true>;
   return s;
 }
 
