@@ -156,8 +156,8 @@ struct PackedWeight {
 
 // ---------------------------------------------------------------- forward
 
-// Implicit GEMM for an NCHW forward with few input channels per group (the
-// ResNet stem's 3): per output row, Y[Kg, Q] = W_g . B with B read straight
+// Implicit GEMM for a forward with few input channels per group (the ResNet
+// stem's 3), NCHW or channels-last: per output row, Y[Kg, Q] = W_g . B with B read straight
 // from a block of input rows (gemm_implicit_b), no im2col. The block holds
 // the rows a run of output rows needs, zero-padded and split by row and
 // column phase of the stride, xs[c][a][b][i][u] = X_pad[c][(oh0 + i) sH + a][u sW + b]
@@ -188,8 +188,10 @@ bool implicit_ok(const ConvShape& s) {
 
 inline int64_t ceil_pos(int64_t a, int64_t b) { return a <= 0 ? 0 : divup(a, b); }
 
+// cl: x, w and y channels-last (w [K, R, S, Cg], so B row k = (r S + q) Cg + c;
+// the tiles are stored transposed into y's pixel rows).
 template <typename T>
-void forward_implicit(const ConvShape& s, const T* x, const T* w, const T* b, T* y) {
+void forward_implicit(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y) {
   const int64_t Fr = (s.R - 1) * s.dH / s.sH, Fq = (s.S - 1) * s.dW / s.sW;
   const int64_t U = s.Q + Fq, phases = s.sH * s.sW, lanes = cpu::gemm_packed_b_layout<T>().R;
   // Output rows per block: the block within kImplicitBlockBytes, and at
@@ -204,11 +206,14 @@ void forward_implicit(const ConvShape& s, const T* x, const T* w, const T* b, T*
   for (int64_t c = 0; c < s.Cg; ++c)
     for (int64_t r = 0; r < s.R; ++r)
       for (int64_t q = 0; q < s.S; ++q)
-        koff[(c * s.R + r) * s.S + q] = c * CS +
+        koff[cl ? (r * s.S + q) * s.Cg + c : (c * s.R + r) * s.S + q] = c * CS +
             ((r * s.dH % s.sH) * s.sW + q * s.dW % s.sW) * PS + (r * s.dH / s.sH) * U +
             q * s.dW / s.sW;
   const PackedWeight<T> wpk(s, 2, true, false, w);  // always packed (A of every call)
   const int64_t items = s.N * s.G * nrb;
+  // Input element (c, ih, iw) of an image at c cs_c + ih rs_h + iw cs_w.
+  const int64_t cs_c = cl ? 1 : s.HW(), rs_h = cl ? s.W * s.C : s.W, cs_w = cl ? s.C : 1;
+  const int64_t step = s.sW * cs_w;
   cpu::run_chunks(items, [&](int64_t, int64_t i0, int64_t i1) {
     // Lanes past a row's Q read up to lanes - 1 elements beyond the block.
     cpu::UninitBuffer<T> xs(s.Cg * CS + lanes);
@@ -217,7 +222,7 @@ void forward_implicit(const ConvShape& s, const T* x, const T* w, const T* b, T*
       const int64_t rb = i % nrb, g = (i / nrb) % s.G, n = i / nrb / s.G;
       const int64_t oh0 = rb * rows, oh1 = std::min(s.P, oh0 + rows);
       for (int64_t c = 0; c < s.Cg; ++c) {
-        const T* xc = x + (n * s.C + g * s.Cg + c) * s.HW();
+        const T* xc = x + n * s.C * s.HW() + (g * s.Cg + c) * cs_c;
         for (int64_t a = 0; a < s.sH; ++a) {
           for (int64_t ph = 0; ph < s.sW; ++ph) {
             // Columns u whose input column u sW + ph - pW lies in [0, W).
@@ -230,11 +235,11 @@ void forward_implicit(const ConvShape& s, const T* x, const T* w, const T* b, T*
                 std::fill(d, d + U, T(0));
                 continue;
               }
-              const T* src = xc + ih * s.W + ph - s.pW;  // + u sW: column u
+              const T* src = xc + ih * rs_h + (ph - s.pW) * cs_w;  // + u step: column u
               std::fill(d, d + lo, T(0));
-              if (s.sW == 1) std::memcpy(d + lo, src + lo, (hi - lo) * sizeof(T));
-              else if (s.sW == 2) for (int64_t u = lo; u < hi; ++u) d[u] = src[2 * u];
-              else for (int64_t u = lo; u < hi; ++u) d[u] = src[u * s.sW];
+              if (step == 1) std::memcpy(d + lo, src + lo, (hi - lo) * sizeof(T));
+              else if (step == 2) for (int64_t u = lo; u < hi; ++u) d[u] = src[2 * u];
+              else for (int64_t u = lo; u < hi; ++u) d[u] = src[u * step];
               std::fill(d + hi, d + U, T(0));
             }
           }
@@ -244,12 +249,14 @@ void forward_implicit(const ConvShape& s, const T* x, const T* w, const T* b, T*
       a.M = s.Kg; a.n = s.Q; a.K = s.CgRS();
       a.packed_A = wpk.group(g);
       a.k_off = koff.data();
-      a.ldc = s.PQ();
+      a.ldc = cl ? s.K : s.PQ();
+      a.c_trans = cl;
       a.bias_m = b ? b + g * s.Kg : nullptr;
       a.R = lanes;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         a.x = xs.data() + (oh - oh0) * U;
-        a.C = y + ((n * s.K + g * s.Kg) * s.P + oh) * s.Q;
+        a.C = cl ? y + (n * s.P + oh) * s.Q * s.K + g * s.Kg
+                 : y + ((n * s.K + g * s.Kg) * s.P + oh) * s.Q;
         cpu::gemm_implicit_b(a);
       }
     }
@@ -265,7 +272,7 @@ void forward_implicit(const ConvShape& s, const T* x, const T* w, const T* b, T*
 template <typename T>
 void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y,
                   bool via_nhwc = false) {
-  if (!cl && !via_nhwc && implicit_ok<T>(s)) return forward_implicit(s, x, w, b, y);
+  if (!via_nhwc && implicit_ok<T>(s)) return forward_implicit(s, cl, x, w, b, y);
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
   const bool pw = s.pointwise();
   const bool nhwc = cl || via_nhwc;

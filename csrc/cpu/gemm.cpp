@@ -561,11 +561,14 @@ void gemm_implicit_b(const ImplicitB<T>& g) {
     const int nr = static_cast<int>(std::min<int64_t>(NR, g.n - j0));
     for (int64_t i0 = 0; i0 < g.M; i0 += MR) {
       const int mr = static_cast<int>(std::min<int64_t>(MR, g.M - i0));
-      const bool full = mr == MR && nr == NR;
-      T* const c = g.C + i0 * g.ldc + j0;
+      // Full tiles straight into C (transposed where the kernels can store so).
+      const bool full = mr == MR && nr == NR && (!g.c_trans || ks.store_t);
+      const int64_t rs = g.c_trans ? 1 : g.ldc, cs = g.c_trans ? g.ldc : 1;
+      T* const c = g.C + i0 * rs + j0 * cs;
       Tile<T> t;
       t.B = g.x + j0; t.b_ks = 0;
       t.C = full ? c : ctile; t.ldc = full ? g.ldc : NR;
+      t.c_trans = full && g.c_trans;
       t.bias_n = nullptr;
       for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
         t.kc = std::min(ks.KC, g.K - pc);
@@ -578,7 +581,7 @@ void gemm_implicit_b(const ImplicitB<T>& g) {
       if (full) continue;
       for (int r = 0; r < mr; ++r) {
         const T bm = g.bias_m ? g.bias_m[i0 + r] : T(0);
-        for (int j = 0; j < nr; ++j) c[r * g.ldc + j] = ctile[r * NR + j] + bm;
+        for (int j = 0; j < nr; ++j) c[r * rs + j * cs] = ctile[r * NR + j] + bm;
       }
     }
   }

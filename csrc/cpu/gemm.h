@@ -93,7 +93,8 @@ void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* 
 // A GEMM whose B is given by row offsets into x (an implicit-GEMM
 // convolution reads its input rows so, with no im2col):
 //   C[i * ldc + j] = (bias_m ? bias_m[i] : 0) + sum_k A(i, k) * x[k_off[k] + j]
-// for i < M, j < n, with A packed by gemm_pack_a (M x K). The kernels read B
+// for i < M, j < n (C[i + j * ldc] with c_trans), with A packed by
+// gemm_pack_a (M x K). The kernels read B
 // in whole slivers: x[k_off[k] + j] must be readable for every j below n
 // rounded up to gemm_packed_b_layout<T>().R (the lanes past n are dropped).
 // Runs on the calling thread. Only when gemm_implicit_b_available<T>(): the
@@ -106,6 +107,7 @@ struct ImplicitB {
   const int64_t* k_off = nullptr;
   T* C = nullptr;
   int64_t ldc = 0;
+  bool c_trans = false;
   const T* bias_m = nullptr;
   int64_t R = 0;  // gemm_packed_b_layout<T>().R as the caller read it (checked)
 };
