@@ -52,6 +52,10 @@ CASES = {
     "implicit_n1_split": (1, 5, 40, 48, 36, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "implicit_s3_dil": (2, 4, 46, 46, 36, 3, 3, (3, 3), (2, 2), (2, 2), 1),
     "implicit_s21": (2, 3, 21, 32, 40, 3, 3, (2, 1), (1, 1), (1, 1), 1),
+    # NCHW with Cg >= 16 and Kg > 32 (ahead of the NHWC route): forward and
+    # the stride-1 grad_input run as a forward conv both implicit; groups.
+    "implicit_cg48_dgrad": (2, 48, 16, 16, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "implicit_cg16_g2": (2, 32, 8, 16, 80, 3, 3, (1, 1), (1, 1), (1, 1), 2),
     # Several pixel tiles per image (C*R*S = 576 -> ~450-pixel tiles), tiles
     # that cut output rows, one image (tiles spread over threads) and more.
     "multi_tile_n1": (1, 64, 32, 30, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1),
@@ -253,7 +257,7 @@ def test_every_isa(isa):
                      "tiny_plane", "wgrad_pq1", "planes_7x7_groups", "via_nhwc_k40",
                      "via_nhwc_groups_s2", "via_nhwc_dil_5x3", "split_stem_odd",
                      "split_s3_dilated", "implicit_stem", "implicit_kblocks_groups",
-                     "implicit_n1_split"):
+                     "implicit_n1_split", "implicit_cg48_dgrad"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

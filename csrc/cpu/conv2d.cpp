@@ -173,14 +173,20 @@ struct PackedWeight {
 // 1.13-1.49x (16x3x224x224 k7s2p3 -> 64 1.26x, 16x3x32x32 k3p1 -> 64 1.22x,
 // 16x4x64x64 k5p2 -> 40 1.49x, 16x15x32x32 -> 64 1.21x); with partial
 // slivers (Q = 14, 20, 28, 56: the last one of each row through a
-// temporary tile) 0.76-1.00x, hence the rule.
+// temporary tile) 0.76-1.00x, hence the rule. With Cg >= 16 (where the
+// NHWC route would run) it is taken for NCHW with Kg > 32 only: against
+// via_nhwc 1.03-1.09x (32x64x32x32 -> 64, 8x64x64x64 -> 64, 32x32x32x32 ->
+// 64); channels-last 0.74-0.96x (its block gathers channels C apart).
+// gemm_implicit_b runs K blocks outside the row tiles, so a sliver's B rows
+// of one KC block stay in L1 (all K inside: 0.97-1.02x against via_nhwc).
 // Workspace per thread: the block, about kImplicitBlockBytes.
 constexpr int64_t kImplicitBlockBytes = int64_t(1) << 17;
 constexpr int64_t kImplicitPackedAMax = int64_t(1) << 18;
 
 template <typename T>
-bool implicit_ok(const ConvShape& s) {
-  if (s.Cg >= 16 || s.pointwise() || !cpu::gemm_implicit_b_available<T>()) return false;
+bool implicit_ok(const ConvShape& s, bool cl) {
+  if (s.pointwise() || !cpu::gemm_implicit_b_available<T>()) return false;
+  if (s.Cg >= 16 && (cl || s.Kg <= 32)) return false;  // see above
   const int64_t R = cpu::gemm_packed_b_layout<T>().R, lanes = divup(s.Q, R) * R;
   return lanes * 16 <= s.Q * 17 &&
          cpu::gemm_packed_a_size<T>(s.Kg, s.CgRS()) * int64_t(sizeof(T)) <= kImplicitPackedAMax;
@@ -272,7 +278,7 @@ void forward_implicit(const ConvShape& s, bool cl, const T* x, const T* w, const
 template <typename T>
 void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y,
                   bool via_nhwc = false) {
-  if (!via_nhwc && implicit_ok<T>(s)) return forward_implicit(s, cl, x, w, b, y);
+  if (!via_nhwc && implicit_ok<T>(s, cl)) return forward_implicit(s, cl, x, w, b, y);
   const int64_t rowlen = s.CgRS(), PQ = s.PQ(), HW = s.HW();
   const bool pw = s.pointwise();
   const bool nhwc = cl || via_nhwc;
@@ -617,6 +623,7 @@ bool via_nhwc(const ConvShape& s) {
   // Whole images per thread (fewer images than threads: the NCHW path, whose
   // tiles and GEMMs parallelise, instead of one transposed copy per thread).
   const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (implicit_ok<T>(s, false)) return false;  // the implicit GEMM is faster there
   return !s.pointwise() && (s.Cg >= 16 || nchw_via_nhwc(s)) && s.N * s.G >= nt &&
          s.C * s.HW() * int64_t(sizeof(T)) <= kViaImageBytes;
 }

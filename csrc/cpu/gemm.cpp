@@ -543,9 +543,10 @@ template <typename T>
 bool gemm_implicit_b_available() {
   return gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr)).indirect_b != nullptr;
 }
-// Per R-lane sliver of C's columns, every MR-row tile with all of K (one
-// kernel call per KC block, accumulating in C), so the sliver's B rows stay
-// in L1 while the packed A streams from L2, as in gemm_block's jr / ir loops.
+// Per R-lane sliver of C's columns and per KC block of K, every MR-row tile
+// (accumulating in C, or in a temporary tile per row tile at the edges), so
+// the block's B rows of the sliver stay in L1 while the packed A streams from
+// L2, as in gemm_block's jr / ir loops.
 template <typename T>
 void gemm_implicit_b(const ImplicitB<T>& g) {
   using namespace gemm_detail;
@@ -554,34 +555,33 @@ void gemm_implicit_b(const ImplicitB<T>& g) {
               "fastlayers: the CPU kernel path changed during a convolution");
   const int MR = ks.MR, NR = ks.NR;
   const int64_t Mr = round_up(g.M, MR);
-  constexpr int kTileMax = 256;
-  TORCH_INTERNAL_ASSERT(MR * NR <= kTileMax);
-  alignas(64) T ctile[kTileMax];
+  T* const ctiles = scratch<T>(2, Mr * NR);  // (gemm_block's slot: not used meanwhile)
+  const int64_t rs = g.c_trans ? 1 : g.ldc, cs = g.c_trans ? g.ldc : 1;
   for (int64_t j0 = 0; j0 < g.n; j0 += NR) {
     const int nr = static_cast<int>(std::min<int64_t>(NR, g.n - j0));
-    for (int64_t i0 = 0; i0 < g.M; i0 += MR) {
-      const int mr = static_cast<int>(std::min<int64_t>(MR, g.M - i0));
-      // Full tiles straight into C (transposed where the kernels can store so).
-      const bool full = mr == MR && nr == NR && (!g.c_trans || ks.store_t);
-      const int64_t rs = g.c_trans ? 1 : g.ldc, cs = g.c_trans ? g.ldc : 1;
-      T* const c = g.C + i0 * rs + j0 * cs;
-      Tile<T> t;
-      t.B = g.x + j0; t.b_ks = 0;
-      t.C = full ? c : ctile; t.ldc = full ? g.ldc : NR;
-      t.c_trans = full && g.c_trans;
-      t.bias_n = nullptr;
-      for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
-        t.kc = std::min(ks.KC, g.K - pc);
-        t.A = g.packed_A + pc * Mr + i0 * t.kc; t.a_rs = 1; t.a_ks = MR;
+    for (int64_t pc = 0; pc < g.K; pc += ks.KC) {
+      const int64_t kc = std::min(ks.KC, g.K - pc);
+      for (int64_t i0 = 0; i0 < g.M; i0 += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, g.M - i0));
+        const bool full = mr == MR && nr == NR && (!g.c_trans || ks.store_t);
+        T* const c = g.C + i0 * rs + j0 * cs;
+        T* const ct = ctiles + i0 * NR;
+        Tile<T> t;
+        t.B = g.x + j0; t.b_ks = 0;
+        t.C = full ? c : ct; t.ldc = full ? g.ldc : NR;
+        t.c_trans = full && g.c_trans;
+        t.bias_n = nullptr;
+        t.kc = kc;
+        t.A = g.packed_A + pc * Mr + i0 * kc; t.a_rs = 1; t.a_ks = MR;
         t.b_off = g.k_off + pc;
         t.beta = pc > 0;
         t.bias_m = pc == 0 && full && g.bias_m ? g.bias_m + i0 : nullptr;
         ks.indirect_b(t);
-      }
-      if (full) continue;
-      for (int r = 0; r < mr; ++r) {
-        const T bm = g.bias_m ? g.bias_m[i0 + r] : T(0);
-        for (int j = 0; j < nr; ++j) c[r * rs + j * cs] = ctile[r * NR + j] + bm;
+        if (full || pc + ks.KC < g.K) continue;
+        for (int r = 0; r < mr; ++r) {
+          const T bm = g.bias_m ? g.bias_m[i0 + r] : T(0);
+          for (int j = 0; j < nr; ++j) c[r * rs + j * cs] = ct[r * NR + j] + bm;
+        }
       }
     }
   }
