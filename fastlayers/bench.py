@@ -52,6 +52,15 @@ class Case:
     bytes_fwd: float = 0.0   # minimal forward DRAM traffic (memory-bound cases)
     bytes_bwd: float = 0.0   # minimal backward DRAM traffic
     tags: List[str] = field(default_factory=list)
+    channels_last: bool = False  # input and module in channels_last memory
+
+    def build(self, ns):
+        m = self.make(ns)
+        return m.to(memory_format=torch.channels_last) if self.channels_last else m
+
+    def input(self, shape=None) -> torch.Tensor:
+        x = torch.randn(self.shape if shape is None else shape)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def _conv_flops(n, c, h, w, k, r, s, stride=1, pad=0, groups=1, dil=1):
@@ -121,8 +130,9 @@ def suite() -> List[Case]:
 
 def odd_suite() -> List[Case]:
     """Unusual shapes (`--suite odd`): batch 1, odd sizes and channel counts,
-    3-D Linear input, strided, dilated, grouped and 1x1 convs, ceil_mode and
-    dilated pooling. The issues ask that none fall off a cliff."""
+    3-D Linear input, strided, dilated, grouped and 1x1 convs, channels_last
+    convs (input and weights), ceil_mode and dilated pooling. The issues ask
+    that none fall off a cliff."""
     L, C, P, B = "linear", "conv", "pool", "bn"
     return [
         Case("Linear batch 1 1x784->256", L, lambda ns: ns.Linear(784, 256), (1, 784),
@@ -149,6 +159,12 @@ def odd_suite() -> List[Case]:
         Case("Conv 7x7 planes 16x512x7x7 k3p1 ->512 (ResNet layer4)", C,
              lambda ns: ns.Conv2d(512, 512, 3, padding=1, bias=False), (16, 512, 7, 7),
              _conv_flops(16, 512, 7, 7, 512, 3, 3, 1, 1)),
+        Case("Conv channels_last 32x64x32x32 k3p1 ->64", C,
+             lambda ns: ns.Conv2d(64, 64, 3, padding=1, bias=False), (32, 64, 32, 32),
+             _conv_flops(32, 64, 32, 32, 64, 3, 3, 1, 1), channels_last=True),
+        Case("Conv channels_last 16x3x224x224 k7s2p3 ->64 (stem)", C,
+             lambda ns: ns.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), (16, 3, 224, 224),
+             _conv_flops(16, 3, 224, 224, 64, 7, 7, 2, 3), channels_last=True),
         Case("MaxPool odd 7x5x31x29 k3s2 ceil", P, lambda ns: ns.MaxPool2d(3, 2, ceil_mode=True),
              (7, 5, 31, 29), 0, *_pool_bytes(7, 5, 31, 29, 3, 2, 0, ceil=True)),
         Case("MaxPool dilated 8x16x32x32 k3d2", P, lambda ns: ns.MaxPool2d(3, 1, dilation=2),
@@ -259,11 +275,11 @@ def _memprobe(case_index: int, lib: str, threads: int, suite_name: str = "main")
     torch.set_num_threads(threads)
     case = SUITES[suite_name]()[case_index]
     torch.manual_seed(0)
-    m = case.make(torch.nn if lib == "torch" else fastlayers)
-    x = torch.randn(case.shape).requires_grad_(True)
+    m = case.build(torch.nn if lib == "torch" else fastlayers)
+    x = case.input().requires_grad_(True)
     # One step at batch 1 first, so one-time costs (autograd engine, thread
     # pools, code pages) are not charged to the step.
-    _step(m, torch.randn((1,) + tuple(case.shape[1:])).requires_grad_(True))
+    _step(m, case.input((1,) + tuple(case.shape[1:])).requires_grad_(True))
     # Reset the high-water mark to the current RSS (Linux: clear_refs 5), so
     # the import's own transient peak does not hide the step's.
     with open("/proc/self/clear_refs", "w") as f:
@@ -305,10 +321,10 @@ def time_pair(f_torch, f_ours, min_reps=9, budget_s=1.0, warmup=2):
 
 def run_case(case: Case, budget_s=1.0, min_reps=9, memory=True, suite_name="main"):
     torch.manual_seed(0)
-    ref = case.make(torch.nn)
-    ours = case.make(fastlayers)
+    ref = case.build(torch.nn)
+    ours = case.build(fastlayers)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(case.shape)
+    x = case.input()
     xg = x.clone().requires_grad_(True)
 
     def fwd(m):

@@ -70,11 +70,15 @@ def test_odd_suite_cases_build_and_match_torch():
     from fastlayers.bench import _pool_out, odd_suite
     for case in odd_suite():
         torch.manual_seed(0)
-        ref = case.make(torch.nn)
-        ours = case.make(fastlayers)
+        ref = case.build(torch.nn)
+        ours = case.build(fastlayers)
         ours.load_state_dict(ref.state_dict())
-        x = torch.randn(case.shape)
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+        x = case.input()
+        assert x.is_contiguous(memory_format=torch.channels_last) == case.channels_last
+        y = ours(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4)
+        if case.channels_last:  # timed in the layout the case names
+            assert y.is_contiguous(memory_format=torch.channels_last), case.name
         assert case.flops > 0 or case.bytes_fwd > 0, case.name
     m = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
     assert m(torch.zeros(1, 1, 31, 29)).shape[-2:] == (_pool_out(31, 3, 2, 0, ceil=True),
