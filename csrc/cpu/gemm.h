@@ -94,9 +94,9 @@ void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* 
 // convolution reads its input rows so, with no im2col):
 //   C[i * ldc + j] = (bias_m ? bias_m[i] : 0) + sum_k A(i, k) * x[k_off[k] + j]
 // for i < M, j < n (C[i + j * ldc] with c_trans), with A packed by
-// gemm_pack_a (M x K). The kernels read B
-// in whole slivers: x[k_off[k] + j] must be readable for every j below n
-// rounded up to gemm_packed_b_layout<T>().R (the lanes past n are dropped).
+// gemm_pack_a (M x K). The kernels read B in whole slivers: x[k_off[k] + j]
+// must be readable for every j below n rounded up to
+// gemm_packed_b_layout<T>().R (the lanes past n are dropped).
 // Runs on the calling thread. Only when gemm_implicit_b_available<T>(): the
 // active ISA's kernels read B so (AVX2 and the portable kernels, not AVX-512).
 template <typename T>
