@@ -365,6 +365,10 @@ SMALL_PATH_CASES = {
     "small_wide": (1, 2, 4, 40, 5, 2, 3, (1, 1), (1, 0), (1, 2), 1),
     "small_k8_dil_pad": (2, 3, 7, 15, 8, 3, 2, (1, 1), (1, 2), (2, 1), 1),
     "small_k16_groups": (2, 4, 9, 23, 32, 3, 3, (1, 1), (1, 1), (1, 2), 2),
+    # Cg = 16-32 (before, the NHWC route took these forwards): groups of 16
+    # channels, dilated 32 channels with 32 outputs.
+    "small_cg16_g4": (2, 64, 12, 14, 64, 3, 3, (1, 1), (1, 1), (1, 1), 4),
+    "small_cg32_dil": (2, 32, 10, 9, 32, 3, 3, (1, 1), (2, 2), (2, 2), 1),
 }
 
 

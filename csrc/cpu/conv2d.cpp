@@ -775,6 +775,7 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor x = input.contiguous(fmt);
   // Cg == 1: [K, 1, R, S] is the same memory in both formats.
   const at::Tensor w = s.Cg == 1 ? weight.contiguous() : weight.contiguous(fmt);
+  const bool small = use_small(s, cl, input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlayers_conv2d_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -783,12 +784,16 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
     if (s.Cg == 1) {
       if (cl) cpu::direct_forward_nhwc(s, xp, wp, bp, yp);
       else cpu::direct_forward_nchw(s, xp, wp, bp, yp);
+    } else if (small_forward(s, small, xp, wp, bp, yp)) {
+      // The flat small kernels go ahead of via_nhwc. In-process A/B, 2
+      // threads, 3x3 p1 (d2 where noted), small against via_nhwc: 1.3-1.7x
+      // with Cg = 16-24 (8x16x28x28 -> 16, 8x64x28x28 g4, 8x96x28x28 g4,
+      // 8x256x14x14 g16, 8x512x14x14 g32, 8x64x32x32 g4 d2), 1.0-1.5x with
+      // Cg = 32 (32x32x32x32, 8x32x56x56, 16x64x14x14 g2, 16x128x14x14 g4).
     } else if (!cl && via_nhwc<scalar_t>(s)) {
-      // Ahead of the flat small kernels too: 1.00-1.10x in A/B on 14x14-32x32
-      // planes with 16-32 channels (dilated included).
       const at::Tensor wl = weight_nhwc<scalar_t>(w, s);
       forward_gemm(s, false, xp, wl.const_data_ptr<scalar_t>(), bp, yp, true);
-    } else if (!small_forward(s, use_small(s, cl, input.scalar_type()), xp, wp, bp, yp)) {
+    } else {
       forward_gemm(s, cl, xp, wp, bp, yp);
     }
   });
