@@ -33,6 +33,10 @@ TORCH_LIBRARY(fastlayers, m) {
   m.def("max_pool2d_backward(Tensor grad_output, Tensor offsets, int[4] input_size,"
         " int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation,"
         " bool channels_last) -> Tensor");
+  // The output alone (no offsets), for calls autograd does not record; backends
+  // without their own kernel run max_pool2d_forward and drop the offsets.
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding,"
+        " int[2] dilation, bool ceil_mode) -> Tensor");
   // Window offsets -> torch's int64 flat indices (h * W + w), for return_indices=True.
   m.def("max_pool2d_indices(Tensor offsets, int input_width, int[2] kernel_size, int[2] stride,"
         " int[2] padding, int[2] dilation) -> Tensor");
@@ -51,6 +55,26 @@ TORCH_LIBRARY(fastlayers, m) {
 
 namespace fastlayers {
 double fma_peak_gflops(int64_t iters);  // csrc/cpu/roofline.cpp
+}
+
+namespace {
+
+// max_pool2d where a backend has no value-only kernel (CUDA): the forward
+// with offsets, offsets dropped.
+at::Tensor max_pool2d_via_forward(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s,
+                                  at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastlayers::max_pool2d_forward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                 at::IntArrayRef, at::IntArrayRef, bool)>();
+  return std::get<0>(op.call(input, k, s, p, d, ceil_mode));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CompositeExplicitAutograd, m) {
+  m.impl("max_pool2d", &max_pool2d_via_forward);
 }
 
 namespace {

@@ -85,6 +85,11 @@ def _max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode
     return out, offsets
 
 
+@torch.library.register_fake(_lib + "max_pool2d")
+def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return _max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)[0]
+
+
 @torch.library.register_fake(_lib + "max_pool2d_backward")
 def _max_pool2d_backward(grad_output, offsets, input_size, kernel_size, stride, padding,
                          dilation, channels_last):

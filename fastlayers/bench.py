@@ -80,8 +80,10 @@ def _pool_out(h, k, s, p, dil=1, ceil=False):
 def _pool_bytes(n, c, h, w, k, s, p, dil=1, ceil=False):
     oh, ow = _pool_out(h, k, s, p, dil, ceil), _pool_out(w, k, s, p, dil, ceil)
     inp, out = n * c * h * w * F32, n * c * oh * ow * F32
-    # fwd: read x, write y and uint8 offsets; bwd: read dy + offsets, write dx
-    return inp + out + out / 4, out + out / 4 + inp
+    # fwd (under no_grad, as timed): read x, write y (the value-only forward
+    # keeps no offsets). bwd, which is only used for fwd+bwd: the training
+    # forward's uint8 offsets (out / 4) written, then read dy + offsets, write dx.
+    return inp + out, out / 4 + out + out / 4 + inp
 
 
 def _bn_bytes(shape):

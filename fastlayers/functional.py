@@ -136,7 +136,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     return out.squeeze(0) if unbatched else out
 
 
-def _max_pool2d_impl(input, kernel_size, stride, padding, dilation, ceil_mode):
+def _max_pool2d_impl(input, kernel_size, stride, padding, dilation, ceil_mode,
+                     need_offsets=True):
     _check_tensor("input", input)
     kernel_size = _int_tuple("kernel_size", kernel_size)
     stride = _int_tuple("stride", stride, allow_empty=True) if stride is not None else []
@@ -152,6 +153,9 @@ def _max_pool2d_impl(input, kernel_size, stride, padding, dilation, ceil_mode):
     if _graph(x):
         out, offsets = MaxPool2dFunction.apply(x, kernel_size, stride, padding, dilation,
                                                bool(ceil_mode))
+    elif not need_offsets:  # inference: the value-only op
+        out = _ops.max_pool2d(x, kernel_size, stride, padding, dilation, bool(ceil_mode))
+        offsets = None
     else:
         out, offsets = _ops.max_pool2d_forward(x, kernel_size, stride, padding, dilation,
                                                bool(ceil_mode))
@@ -173,7 +177,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
     if return_indices:
         return max_pool2d_with_indices(input, kernel_size, stride, padding, dilation, ceil_mode)
     out, _, (_, _, _, _, _, unbatched) = _max_pool2d_impl(
-        input, kernel_size, stride, padding, dilation, ceil_mode)
+        input, kernel_size, stride, padding, dilation, ceil_mode, need_offsets=False)
     return out.squeeze(0) if unbatched else out
 
 

@@ -30,6 +30,8 @@ def _cases():
     pool = ([3, 3], [2, 2], [1, 1], [1, 1])
     yield "max_pool2d_forward", (t(2, 3, 9, 8), *pool, False)
     yield "max_pool2d_forward", (t(2, 3, 9, 8, cl=True), *pool, True)
+    yield "max_pool2d", (t(2, 3, 9, 20), *pool, False)      # value-only k3s2 kernel
+    yield "max_pool2d", (t(2, 3, 9, 8, cl=True), *pool, True)  # via the forward
     x = t(2, 3, 9, 8)
     _, off = ops.max_pool2d_forward(x, *pool, False)
     yield "max_pool2d_backward", (t(2, 3, 5, 4), off, [2, 3, 9, 8], *pool, False)

@@ -1,7 +1,8 @@
 """CPU ops for MaxPool2d and BatchNorm against torch, on every ISA path.
 
 Calls torch.ops.fastlayers.* directly (no Python layer): max_pool2d_forward /
-_backward / _indices and batch_norm_train / _eval / _backward.
+_backward / _indices, max_pool2d (the value-only forward) and batch_norm_train /
+_eval / _backward.
 """
 import itertools
 
@@ -56,7 +57,13 @@ def _check_pool(x, k, s, p, d, ceil, grad=True):
         memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt) and off.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(y, ry, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(y), torch.signbit(ry))  # -0.0 / +0.0 ties: first wins
     assert torch.equal(idx, ri)
+    # The value-only forward (calls autograd does not record): the same bits.
+    yv = ops.max_pool2d(x, _pair(k), _pair(s), _pair(p), _pair(d), ceil)
+    assert yv.shape == y.shape and yv.is_contiguous(memory_format=fmt)
+    ibits = torch.int32 if y.dtype == torch.float32 else torch.int64
+    assert torch.equal(yv.view(ibits), y.view(ibits))
     if grad and ry.numel() > 0:
         go = torch.randn_like(ry)
         ry.backward(go)
@@ -548,6 +555,9 @@ def test_pool_k3s2_fast_path(isa, hw, case):
     x[1, 1] = torch.randint(0, 3, (h, w)).float()  # many ties
     x[1, 2, 1::2, 1::4] = float("nan")             # two NaNs in a window: the last wins
     x[1, 2, 1::2, 2::4] = float("nan")
+    x[2, 0] = 0.0                                  # -0.0 / +0.0 ties: the first wins
+    x[2, 0, ::2, 1::3] = -0.0
+    x[2, 0, 1::3, ::2] = -0.0
     k, s, p, d, ceil = case
     try:
         oh = F.max_pool2d(x, k, s, p, d, ceil).shape[2]
@@ -564,6 +574,21 @@ def test_pool_k3s2_fast_path(isa, hw, case):
         gi = ops.max_pool2d_backward(torch.ones(off.shape), off, list(x.shape), _pair(k),
                                      _pair(s), _pair(p), _pair(d), False)
         assert torch.equal(gi, torch.zeros_like(x))
+
+
+def test_pool_value_only_default_kernel():
+    """Backends without a value-only kernel (CUDA) get the composite one: the
+    forward with offsets, offsets dropped. Reached here by dispatching to a
+    key with no kernel of its own (PrivateUse1), which runs on CPU tensors."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastlayers::max_pool2d",
+                                                          "CompositeExplicitAutograd")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 20)
+    x[0, 0, ::2, ::3] = float("nan")
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.PrivateUse1)
+    for args in (([3, 3], [2, 2], [1, 1], [1, 1], False), ([2, 2], [1, 2], [0, 1], [2, 1], True)):
+        y = ops.max_pool2d.default.redispatch(ks, x, *args)
+        torch.testing.assert_close(y, F.max_pool2d(x, *args), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("case", [(3, 2, 1, 1, False), (2, 1, 0, 1, True)], ids=str)

@@ -13,6 +13,8 @@
 //     directly; big outputs are streamed out (kStreamBytes).
 //   channels-last, float, SIMD: per output pixel, SIMD across channels.
 //   scalar path (ISA "scalar" and float64): the plain loop below.
+// max_pool2d (the op) is the forward without offsets, for calls autograd does
+// not record: the k2s2 / k3s2 kernels then only take maxima.
 // A window with no element inside the input (possible with dilation, e.g.
 // H = 1, k = 2, d = 2, p = 1) gives -inf with the offset torch's rule gives
 // (first window position at or after row/column 0, which lies past the input);
@@ -329,18 +331,20 @@ bool is_k2s2(const Geom& g) {
          g.dH == 1 && g.dW == 1 && 2 * g.OH <= g.H && 2 * g.OW <= g.W;
 }
 
-// Forward of that window, NCHW float, rows of 8+ outputs (AVX2 kernel).
+// Forward of that window, NCHW float, rows of 8+ outputs (AVX2 kernel); an
+// undefined `off` computes the values only.
 void forward_k2s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g) {
   const float* x = in.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
-  uint8_t* o = static_cast<uint8_t*>(off.mutable_data_ptr());
+  uint8_t* o = off.defined() ? static_cast<uint8_t*>(off.mutable_data_ptr()) : nullptr;
   const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW;
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
     for (int64_t pl = b; pl < e; ++pl)
       for (int64_t oh = 0; oh < OH; ++oh) {
         const float* r0 = x + pl * H * W + 2 * oh * W;
         const int64_t i = (pl * OH + oh) * OW;
-        cpu::max_pool2d_fwd_k2s2_row_avx2(r0, r0 + W, OW, y + i, o + i);
+        if (o) cpu::max_pool2d_fwd_k2s2_row_avx2(r0, r0 + W, OW, y + i, o + i);
+        else cpu::max_pool2d_fwd_k2s2_row_max_avx2(r0, r0 + W, OW, y + i);
       }
   });
 }
@@ -353,10 +357,11 @@ bool is_k3s2(const Geom& g) {
 }
 
 
+// An undefined `off` computes the values only.
 void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, const Geom& g) {
   const float* x = in.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
-  uint8_t* o = static_cast<uint8_t*>(off.mutable_data_ptr());
+  uint8_t* o = off.defined() ? static_cast<uint8_t*>(off.mutable_data_ptr()) : nullptr;
   const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW, P = OH * OW;
   const bool nt = out.numel() * 5 >= kStreamBytes;
   const int64_t pfd = 4;  // output rows of prefetch distance (2..56 measured alike)
@@ -365,17 +370,18 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
     // dilation 1, where a window's rows get distinct slots, else its window
     // row k), tagged with their input row: a row shared by consecutive
     // windows is reduced once.
-    std::vector<float> hm_buf(g.kH * OW);
-    std::vector<int32_t> hi_buf(g.kH * OW);
+    const int64_t OWs = (OW + 7) / 8 * 8;  // slots per row (max_pool2d_avx2.cpp)
+    std::vector<float> hm_buf(g.kH * OWs);
+    std::vector<int32_t> hi_buf(o ? g.kH * OWs : 0);
     std::vector<int64_t> tag(g.kH);
     std::vector<const float*> hm(g.kH);
     std::vector<const int32_t*> hi(g.kH);
     std::vector<int32_t> kh(g.kH);
     std::vector<float> ybuf(nt ? P : 0);
-    std::vector<uint8_t> obuf(nt ? P : 0);
+    std::vector<uint8_t> obuf(nt && o ? P : 0);
     for (int64_t pl = b; pl < e; ++pl) {
       float* yp = nt ? ybuf.data() : y + pl * P;
-      uint8_t* op = nt ? obuf.data() : o + pl * P;
+      uint8_t* op = !o ? nullptr : nt ? obuf.data() : o + pl * P;
       std::fill(tag.begin(), tag.end(), -1);
       for (int64_t oh = 0; oh < OH; ++oh) {
         int64_t n = 0;
@@ -383,10 +389,12 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
           const int64_t ih = oh * g.sH - g.pH + k * g.dH;
           if (ih < 0 || ih >= H) continue;
           const int64_t slot = g.dH == 1 ? ih % g.kH : k;
-          float* hms = hm_buf.data() + slot * OW;
-          int32_t* his = hi_buf.data() + slot * OW;
+          float* hms = hm_buf.data() + slot * OWs;
+          int32_t* his = o ? hi_buf.data() + slot * OWs : nullptr;
           if (tag[slot] != ih) {
-            cpu::max_pool2d_k3s2_hrow_avx2(x + (pl * H + ih) * W, W, g.pW, OW, hms, his);
+            const float* row = x + (pl * H + ih) * W;
+            if (o) cpu::max_pool2d_k3s2_hrow_avx2(row, W, g.pW, OW, hms, his);
+            else cpu::max_pool2d_k3s2_hrow_max_avx2(row, W, g.pW, OW, hms);
             tag[slot] = ih;
           }
           hm[n] = hms;
@@ -394,12 +402,12 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
           kh[n++] = static_cast<int32_t>(k);
         }
         float* yr = yp + oh * OW;
-        uint8_t* orow = op + oh * OW;
+        uint8_t* orow = op ? op + oh * OW : nullptr;
         if (n == 0) {  // window rows all outside the input (dilation): torch's -inf, offset
           const int32_t t = static_cast<int32_t>(first_k(oh * g.sH - g.pH, g.dH) * g.kW);
           for (int64_t ow = 0; ow < OW; ++ow) {
             yr[ow] = -std::numeric_limits<float>::infinity();
-            orow[ow] = static_cast<uint8_t>(t + first_k(ow * g.sW - g.pW, g.dW));
+            if (orow) orow[ow] = static_cast<uint8_t>(t + first_k(ow * g.sW - g.pW, g.dW));
           }
           continue;
         }
@@ -415,21 +423,21 @@ void forward_k3s2_nchw(const at::Tensor& in, at::Tensor& out, at::Tensor& off, c
           const char* p1 = reinterpret_cast<const char*>(x + row1 * W);
           for (const char* q = p0; q < p1; q += 64) _mm_prefetch(q, _MM_HINT_T0);
         }
-        cpu::max_pool2d_k3s2_vmerge_avx2(hm.data(), hi.data(), kh.data(), n, OW, yr, orow);
+        if (o) cpu::max_pool2d_k3s2_vmerge_avx2(hm.data(), hi.data(), kh.data(), n, OW, yr, orow);
+        else cpu::max_pool2d_k3s2_vmerge_max_avx2(hm.data(), n, OW, yr);
       }
       if (nt) {
         cpu::stream_copy_avx2(y + pl * P, yp, P * 4);
-        cpu::stream_copy_avx2(o + pl * P, op, P);
+        if (o) cpu::stream_copy_avx2(o + pl * P, op, P);
       }
     }
     if (nt) _mm_sfence();
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
-                                                      at::IntArrayRef k, at::IntArrayRef s,
-                                                      at::IntArrayRef p, at::IntArrayRef d,
-                                                      bool ceil_mode) {
+// Checks and output geometry shared by both forwards.
+Geom forward_geom(const at::Tensor& input_, at::IntArrayRef k, at::IntArrayRef s,
+                  at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
   const char* op = "max_pool2d";
   check_input(input_, op);
   check_params(k, s, p, d, op);
@@ -439,7 +447,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
   TORCH_CHECK(g.OH >= 1 && g.OW >= 1, "fastlayers.", op, ": Given input size: (", g.C, "x", g.H,
               "x", g.W, "). Calculated output size: (", g.C, "x", g.OH, "x", g.OW,
               "). Output size is too small");
+  return g;
+}
 
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
+                                                      at::IntArrayRef k, at::IntArrayRef s,
+                                                      at::IntArrayRef p, at::IntArrayRef d,
+                                                      bool ceil_mode) {
+  const Geom g = forward_geom(input_, k, s, p, d, ceil_mode);
   const auto fmt = input_.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor input = input_.contiguous(fmt);
@@ -466,6 +481,27 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
     else run(uint8_t{});
   });
   return {out, off};
+}
+
+// The output alone, for calls autograd does not record (inference): the
+// k2s2 / k3s2 NCHW float kernels then skip the offsets (their compare and
+// blend chains are most of the forward's work); the other paths compute
+// them and drop them.
+at::Tensor max_pool2d(const at::Tensor& input_, at::IntArrayRef k, at::IntArrayRef s,
+                      at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
+  const Geom g = forward_geom(input_, k, s, p, d, ceil_mode);
+  const bool fast = input_.scalar_type() == at::kFloat &&
+                    cpu::active_isa() != cpu::Isa::Scalar &&
+                    input_.suggest_memory_format() == at::MemoryFormat::Contiguous &&
+                    ((is_k2s2(g) && g.OW >= 8) || is_k3s2(g));
+  if (!fast) return std::get<0>(max_pool2d_forward(input_, k, s, p, d, ceil_mode));
+  const at::Tensor input = input_.contiguous();
+  at::Tensor out = cpu::empty({g.N, g.C, g.OH, g.OW}, input.options());
+  if (out.numel() == 0) return out;
+  at::Tensor none;
+  if (is_k2s2(g)) forward_k2s2_nchw(input, out, none, g);
+  else forward_k3s2_nchw(input, out, none, g);
+  return out;
 }
 
 // ---- backward -------------------------------------------------------------
@@ -697,6 +733,7 @@ at::Tensor max_pool2d_indices(const at::Tensor& offsets, int64_t input_width, at
 
 TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
   m.impl("max_pool2d_forward", &max_pool2d_forward);
+  m.impl("max_pool2d", &max_pool2d);
   m.impl("max_pool2d_backward", &max_pool2d_backward);
   m.impl("max_pool2d_indices", &max_pool2d_indices);
 }

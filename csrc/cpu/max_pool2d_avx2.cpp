@@ -60,6 +60,11 @@ struct Avx2 {
     m = blend(m, v, u);
     idx = blendi(idx, vi, u);
   }
+  // Value-only step, the same rule: max(v, m) keeps m on ties and when m is
+  // NaN; a NaN v is taken by the blend.
+  static V maxk(V v, V m) {
+    return _mm256_blendv_ps(_mm256_max_ps(v, m), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store_i32(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static void store_u8(uint8_t* p, I v) {
@@ -112,27 +117,85 @@ void max_pool2d_bwd_k2s2_row_avx2(const float* dy, const uint8_t* o, int64_t OW,
 
 void max_pool2d_pixel_avx2(const PoolPixelArgs& a) { pool_avx2::pool_pixel<Avx2>(a); }
 
+// In-lane deinterleave: the taps of 8 outputs in the lane order kPerm =
+// {0, 1, 4, 5, 2, 3, 6, 7} (columns p[0, 2, 8, 10, 4, 6, 12, 14] and the odd
+// ones), so no tap needs a lane-crossing shuffle; the kernels keep their
+// results in that order and restore the natural one once per output block
+// (a 64-bit-pair swap, its own inverse). Lane-crossing shuffles per tap were
+// the forward's bottleneck.
+inline void cols_s2_perm(const float* p, __m256& ev, __m256& od) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+}
+inline __m256 even_cols(const float* p) {  // p[0, 2, 8, 10, 4, 6, 12, 14]
+  return _mm256_shuffle_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8), _MM_SHUFFLE(2, 0, 2, 0));
+}
+inline __m256 to_natural(__m256 v) {  // kPerm order -> natural order (and back)
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+// Offsets in kPerm order -> 8 bytes in natural order (the reorder is done
+// in-lane on the packed 16-bit values).
+inline void store_u8_perm(uint8_t* p, __m256i v) {
+  __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  w = _mm_shuffle_epi32(w, _MM_SHUFFLE(3, 1, 2, 0));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+}
+
 // Forward of the 2x2 / stride 2 window straight from input rows r0, r1 (no
 // band buffer), one output row, OW >= 8: taps in torch's order (r0 even,
 // r0 odd, r1 even, r1 odd), first max wins, NaN wins.
 void max_pool2d_fwd_k2s2_row_avx2(const float* r0, const float* r1, int64_t OW, float* out,
                                   uint8_t* off) {
   auto block = [&](int64_t ow) {
-    __m256 a, b, c, d;
-    Avx2::load_s2_pair(r0 + 2 * ow, a, b);
-    Avx2::load_s2_pair(r1 + 2 * ow, c, d);
+    __m256 a, b, c, d;  // kPerm order
+    cols_s2_perm(r0 + 2 * ow, a, b);
+    cols_s2_perm(r1 + 2 * ow, c, d);
     __m256 m = a;
     __m256i idx = _mm256_setzero_si256();
     Avx2::take(b, _mm256_set1_epi32(1), m, idx);
     Avx2::take(c, _mm256_set1_epi32(2), m, idx);
     Avx2::take(d, _mm256_set1_epi32(3), m, idx);
-    _mm256_storeu_ps(out + ow, m);
-    Avx2::store_u8(off + ow, idx);
+    _mm256_storeu_ps(out + ow, to_natural(m));
+    store_u8_perm(off + ow, idx);
   };
   int64_t ow = 0;
   for (; ow + 8 <= OW; ow += 8) block(ow);
   if (ow < OW) block(OW - 8);  // overlapping tail: recomputes the same values
 }
+
+// The same without offsets (value-only forward, see max_pool2d_kernels.h).
+void max_pool2d_fwd_k2s2_row_max_avx2(const float* r0, const float* r1, int64_t OW, float* out) {
+  auto block = [&](int64_t ow) {
+    __m256 a, b, c, d;  // kPerm order
+    cols_s2_perm(r0 + 2 * ow, a, b);
+    cols_s2_perm(r1 + 2 * ow, c, d);
+    _mm256_storeu_ps(out + ow, to_natural(Avx2::maxk(d, Avx2::maxk(c, Avx2::maxk(b, a)))));
+  };
+  int64_t ow = 0;
+  for (; ow + 8 <= OW; ow += 8) block(ow);
+  if (ow < OW) block(OW - 8);
+}
+
+// Forward of a 3-wide window with column stride 2 (dilation 1), in two
+// passes. Horizontal, once per input row: for each output column ow, the max
+// of input columns 2 * ow - pW + kw (kw = 0, 1, 2; left padding skipped) and
+// its kw. Vertical, once per output row: the rows' results merged in
+// window-row order. Max rule as torch (first max wins, the last NaN wins); it
+// is associative, so the row-then-column order gives torch's result, and an
+// input row shared by two windows (stride 2 < 3 rows) is reduced once.
+//
+// The taps of 8 outputs come in kPerm lane order (cols_s2_perm: columns
+// c0 + {0, 2, 8, 10, 4, 6, 12, 14} + kw); the horizontal results are kept in
+// it, the vertical pass (element-wise) keeps it, and restores the natural
+// order when it stores. The horizontal results hm, hi of a row
+// have ceil(OW / 8) * 8 slots: block b of outputs 8b .. 8b + 7 in slots
+// 8b .. 8b + 7, and a last, overlapping block of outputs OW - 8 .. OW - 1 in
+// the slots after the whole blocks (in kPerm order the overlap would not
+// hold the same values). A block whose columns reach past the
+// input (right padding, ceil_mode) reads a -inf padded copy; the block with
+// left padding takes tap 0 from tap 2 (one column to the left).
+// OW >= 8 (blocks of 8 outputs; the last one overlaps and recomputes).
 
 // Columns c0 .. c0 + 16 of a row into pad, -inf outside [0, W) (the rare
 // block at the right edge); kept out of line and scalar.
@@ -146,49 +209,53 @@ __attribute__((noinline)) const float* k3s2_pad_row(const float* row, int64_t c0
   return pad;
 }
 
-// Forward of a 3-wide window with column stride 2 (dilation 1), in two
-// passes. Horizontal, once per input row: for each output column ow, the max
-// of input columns 2 * ow - pW + kw (kw = 0, 1, 2; left padding skipped) and
-// its kw. Per 8 outputs, one deinterleaving load gives the taps kw = 1, 2
-// (columns c0 + 1 .. c0 + 16) and tap 0 is tap 2 shifted by one lane, with
-// column c0 (or -inf left of the input) in lane 0. A block whose last column
-// is past the input (right padding, ceil_mode) reads a -inf padded copy.
-// Vertical, once per output row: the rows' results merged in window-row
-// order. Max rule as torch (first max wins, the last NaN wins); it is
-// associative, so the row-then-column order gives torch's result, and an
-// input row shared by two windows (stride 2 < 3 rows) is reduced once.
-// OW >= 8 (blocks of 8 outputs; the last one overlaps and recomputes).
+// The three taps of output columns ow .. ow + 7 (column c0 = 2 * ow - pW), in
+// kPerm lane order; tap 0 is -inf where it is left padding.
+inline void k3s2_taps(const float* row, int64_t W, int64_t c0, __m256& t0, __m256& t1,
+                      __m256& t2) {
+  alignas(32) float pad[17];
+  const float* p = row + c0;  // column c0 (read only when inside)
+  const bool right = c0 + 17 > W;  // column c0 + 16 is past the input
+  if (__builtin_expect(right, 0)) p = k3s2_pad_row(row, c0, W, pad);
+  cols_s2_perm(p + 1, t1, t2);
+  if (c0 >= 0 || right) {
+    t0 = even_cols(p);
+  } else {  // c0 == -1: lane of output j takes tap 2 of output j - 1; lane 0 -inf
+    const __m256i from = _mm256_setr_epi32(0, 0, 5, 2, 1, 4, 3, 6);
+    t0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(t2, from), _mm256_set1_ps(-__builtin_inff()), 1);
+  }
+}
+
 void max_pool2d_k3s2_hrow_avx2(const float* row, int64_t W, int64_t pW, int64_t OW, float* hm,
                                int32_t* hi) {
-  const __m256i lane2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256i up1 = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
-  const __m256 ninf = _mm256_set1_ps(-__builtin_inff());
   const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
-  auto block = [&](int64_t ow) {
+  auto block = [&](int64_t ow, int64_t sl) {
     const int64_t c0 = 2 * ow - pW;
-    // kw of the first in-input tap: max(0, -(c0 + 2j)); in a lane whose tap
-    // 0 is left padding (-inf) that is tap 1, as torch.
-    const __m256i cj = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(c0)), lane2);
-    const __m256i kw0 =
-        _mm256_max_epi32(_mm256_setzero_si256(), _mm256_sub_epi32(_mm256_setzero_si256(), cj));
-    alignas(32) float pad[17];
-    const bool right = c0 + 17 > W;  // column c0 + 16 is past the input
-    const bool left = c0 < 0;
-    const float* p = row + c0;  // column c0 (read only when inside)
-    if (__builtin_expect(right, 0)) p = k3s2_pad_row(row, c0, W, pad);
-    __m256 t1, t2;
-    Avx2::load_s2_pair(p + 1, t1, t2);
-    const __m256 first = !left || right ? _mm256_broadcast_ss(p) : ninf;
-    __m256 m = _mm256_blend_ps(_mm256_permutevar8x32_ps(t2, up1), first, 1);
-    __m256i idx = kw0;
+    __m256 m, t1, t2;
+    k3s2_taps(row, W, c0, m, t1, t2);
+    // kw of the first in-input tap: 1 in the lane whose tap 0 is left
+    // padding (output column 0 with pW = 1, lane 0), as torch; else 0.
+    __m256i idx = c0 < 0 ? _mm256_setr_epi32(1, 0, 0, 0, 0, 0, 0, 0) : _mm256_setzero_si256();
     Avx2::take(t1, one, m, idx);
     Avx2::take(t2, two, m, idx);
-    _mm256_storeu_ps(hm + ow, m);
-    Avx2::store_i32(hi + ow, idx);
+    _mm256_storeu_ps(hm + sl, m);
+    Avx2::store_i32(hi + sl, idx);
   };
   int64_t ow = 0;
-  for (; ow + 8 <= OW; ow += 8) block(ow);
-  if (ow < OW) block(OW - 8);  // overlapping tail: recomputes the same values
+  for (; ow + 8 <= OW; ow += 8) block(ow, ow);
+  if (ow < OW) block(OW - 8, ow);  // overlapping tail, kept in its own slot
+}
+
+void max_pool2d_k3s2_hrow_max_avx2(const float* row, int64_t W, int64_t pW, int64_t OW,
+                                   float* hm) {
+  auto block = [&](int64_t ow, int64_t sl) {
+    __m256 t0, t1, t2;
+    k3s2_taps(row, W, 2 * ow - pW, t0, t1, t2);
+    _mm256_storeu_ps(hm + sl, Avx2::maxk(t2, Avx2::maxk(t1, t0)));
+  };
+  int64_t ow = 0;
+  for (; ow + 8 <= OW; ow += 8) block(ow, ow);
+  if (ow < OW) block(OW - 8, ow);
 }
 
 // The vertical pass: nrows (>= 1) horizontal results hm[i], hi[i] of window
@@ -196,20 +263,32 @@ void max_pool2d_k3s2_hrow_avx2(const float* row, int64_t W, int64_t pW, int64_t 
 void max_pool2d_k3s2_vmerge_avx2(const float* const* hm, const int32_t* const* hi,
                                  const int32_t* kh, int64_t nrows, int64_t OW, float* out,
                                  uint8_t* off) {
-  auto block = [&](int64_t ow) {
-    __m256 m = _mm256_loadu_ps(hm[0] + ow);
-    __m256i idx = _mm256_add_epi32(Avx2::loadi(hi[0] + ow), _mm256_set1_epi32(kh[0] * 3));
+  auto block = [&](int64_t ow, int64_t sl) {
+    __m256 m = _mm256_loadu_ps(hm[0] + sl);
+    __m256i idx = _mm256_add_epi32(Avx2::loadi(hi[0] + sl), _mm256_set1_epi32(kh[0] * 3));
     for (int64_t i = 1; i < nrows; ++i) {
-      const __m256 v = _mm256_loadu_ps(hm[i] + ow);
-      const __m256i vi = _mm256_add_epi32(Avx2::loadi(hi[i] + ow), _mm256_set1_epi32(kh[i] * 3));
+      const __m256 v = _mm256_loadu_ps(hm[i] + sl);
+      const __m256i vi = _mm256_add_epi32(Avx2::loadi(hi[i] + sl), _mm256_set1_epi32(kh[i] * 3));
       Avx2::take(v, vi, m, idx);
     }
-    _mm256_storeu_ps(out + ow, m);
-    Avx2::store_u8(off + ow, idx);
+    _mm256_storeu_ps(out + ow, to_natural(m));
+    store_u8_perm(off + ow, idx);
   };
   int64_t ow = 0;
-  for (; ow + 8 <= OW; ow += 8) block(ow);
-  if (ow < OW) block(OW - 8);
+  for (; ow + 8 <= OW; ow += 8) block(ow, ow);
+  if (ow < OW) block(OW - 8, ow);
+}
+
+void max_pool2d_k3s2_vmerge_max_avx2(const float* const* hm, int64_t nrows, int64_t OW,
+                                     float* out) {
+  auto block = [&](int64_t ow, int64_t sl) {
+    __m256 m = _mm256_loadu_ps(hm[0] + sl);
+    for (int64_t i = 1; i < nrows; ++i) m = Avx2::maxk(_mm256_loadu_ps(hm[i] + sl), m);
+    _mm256_storeu_ps(out + ow, to_natural(m));
+  };
+  int64_t ow = 0;
+  for (; ow + 8 <= OW; ow += 8) block(ow, ow);
+  if (ow < OW) block(OW - 8, ow);
 }
 
 }  // namespace fastlayers::cpu

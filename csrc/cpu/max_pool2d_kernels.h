@@ -58,12 +58,20 @@ void max_pool2d_bwd_k2s2_row_avx2(const float* dy, const uint8_t* o, int64_t OW,
 // offsets (AVX2; also used on AVX-512 CPUs), in two passes: hrow reduces one
 // input row over each output column's 3 taps (max, kw), once per input row;
 // vmerge merges the nrows rows inside a window (hm[i], hi[i] of window row
-// kh[i], in order) into an output row and its offsets.
+// kh[i], in order) into an output row and its offsets. hm and hi hold a
+// row's results in ceil(OW / 8) * 8 slots, in a lane order of their own.
 void max_pool2d_k3s2_hrow_avx2(const float* row, int64_t W, int64_t pW, int64_t OW, float* hm,
                                int32_t* hi);
 void max_pool2d_k3s2_vmerge_avx2(const float* const* hm, const int32_t* const* hi,
                                  const int32_t* kh, int64_t nrows, int64_t OW, float* out,
                                  uint8_t* off);
+// Value-only variants of the k2s2 / k3s2 kernels (no offsets: the forward
+// of a call autograd does not record), same max rule.
+void max_pool2d_fwd_k2s2_row_max_avx2(const float* r0, const float* r1, int64_t OW, float* out);
+void max_pool2d_k3s2_hrow_max_avx2(const float* row, int64_t W, int64_t pW, int64_t OW,
+                                   float* hm);
+void max_pool2d_k3s2_vmerge_max_avx2(const float* const* hm, int64_t nrows, int64_t OW,
+                                     float* out);
 void max_pool2d_pixel_avx2(const PoolPixelArgs& a);
 void max_pool2d_rows_avx512(const PoolRowsArgs& a);
 void max_pool2d_pixel_avx512(const PoolPixelArgs& a);
