@@ -73,6 +73,12 @@ void pad_in_cl(const ConvShape& s, const Flat& f, const float* x, float* xt) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
+// For gin_block's loops over template bounds: unrolled, its accumulators
+// stay in registers (gcc otherwise keeps the acc array on the stack at the
+// block's start and end: 24 stores and 12 reloads per block of 16 k steps).
+// fwd_block and wgt_block, with long k loops, measured 3-10 % slower so.
+#define FL_UNROLL _Pragma("GCC unroll 16")
+
 inline float hsum8(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -139,19 +145,19 @@ void gin_block(const ConvShape& s, const Flat& f, const float* dyb, const float*
                int64_t t0, float* dxb) {
   const int64_t CgRS = s.CgRS();
   __m256 acc[KB][TB];
-  for (int i = 0; i < KB; ++i)
-    for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_setzero_ps();
+  FL_UNROLL for (int i = 0; i < KB; ++i)
+    FL_UNROLL for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < s.Kg; ++k) {
     __m256 dv[TB];
-    for (int v = 0; v < TB; ++v) dv[v] = _mm256_loadu_ps(dyb + k * f.T + t0 + 8 * v);
-    for (int i = 0; i < KB; ++i) {
+    FL_UNROLL for (int v = 0; v < TB; ++v) dv[v] = _mm256_loadu_ps(dyb + k * f.T + t0 + 8 * v);
+    FL_UNROLL for (int i = 0; i < KB; ++i) {
       const __m256 wv = _mm256_set1_ps(w[k * CgRS + f.gi_w[j0 + i]]);
-      for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(wv, dv[v], acc[i][v]);
+      FL_UNROLL for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(wv, dv[v], acc[i][v]);
     }
   }
-  for (int i = 0; i < KB; ++i) {
+  FL_UNROLL for (int i = 0; i < KB; ++i) {
     float* p = dxb + f.gi_x[j0 + i] + t0;
-    for (int v = 0; v < TB; ++v)
+    FL_UNROLL for (int v = 0; v < TB; ++v)
       _mm256_storeu_ps(p + 8 * v, _mm256_add_ps(_mm256_loadu_ps(p + 8 * v), acc[i][v]));
   }
 }
