@@ -34,6 +34,9 @@ struct Flat {
   // grad_input taps j = (r*S + q)*Cg + c: weight offset c*RS + r*S + q and
   // padded-plane offset c*L + d[r*S + q] (tables: no divisions in the loops).
   std::vector<int64_t> gi_w, gi_x;
+  // Forward with channels in the lanes: tap j = (r*S + q)*Cg + c reads the
+  // channels-last padded image at offset cl_x[j] = (r*dH*Wp + q*dW)*Cg + c.
+  std::vector<int64_t> cl_x;
   explicit Flat(const ConvShape& s) {
     Wp = s.W + 2 * s.pW;
     T = rnd8((s.P - 1) * Wp + s.Q);  // through the last valid output
@@ -44,6 +47,7 @@ struct Flat {
     for (int64_t j = 0; j < s.CgRS(); ++j) {
       gi_w.push_back((j % s.Cg) * s.RS() + j / s.Cg);
       gi_x.push_back((j % s.Cg) * L + d[j / s.Cg]);
+      cl_x.push_back(d[j / s.Cg] * s.Cg + j % s.Cg);
     }
   }
 };
@@ -174,18 +178,17 @@ void fwd_cl_block(const ConvShape& s, const Flat& f, const float* xt, const floa
     const __m256 bv = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
     for (int p = 0; p < PB; ++p) acc[p][v] = bv;
   }
-  for (int64_t r = 0; r < s.R; ++r) {
-    for (int64_t q = 0; q < s.S; ++q) {
-      const float* xp = xt + ((oh + r * s.dH) * f.Wp + ow0 + q * s.dW) * Cg;
-      const float* wp = wt + (r * s.S + q) * Cg * Kg;
-      for (int64_t c = 0; c < Cg; ++c) {
-        __m256 wv[KV];
-        for (int v = 0; v < KV; ++v) wv[v] = _mm256_loadu_ps(wp + c * Kg + 8 * v);
-        for (int p = 0; p < PB; ++p) {
-          const __m256 xb = _mm256_set1_ps(xp[p * Cg + c]);
-          for (int v = 0; v < KV; ++v) acc[p][v] = _mm256_fmadd_ps(xb, wv[v], acc[p][v]);
-        }
-      }
+  // One loop over the taps (r, q, c): weights in order, inputs by table.
+  const float* xo = xt + (oh * f.Wp + ow0) * Cg;
+  const int64_t* xj = f.cl_x.data();
+  for (int64_t j = 0, n = s.CgRS(); j < n; ++j) {
+    const float* xp = xo + xj[j];
+    const float* wp = wt + j * Kg;
+    __m256 wv[KV];
+    for (int v = 0; v < KV; ++v) wv[v] = _mm256_loadu_ps(wp + 8 * v);
+    for (int p = 0; p < PB; ++p) {
+      const __m256 xb = _mm256_set1_ps(xp[p * Cg]);
+      for (int v = 0; v < KV; ++v) acc[p][v] = _mm256_fmadd_ps(xb, wv[v], acc[p][v]);
     }
   }
   alignas(32) float tmp[PB][KV * 8];
