@@ -1,16 +1,23 @@
 """One torch.autograd.Function per layer. Forward and backward call
-torch.ops.fastlayers.*; each saves only what its backward needs."""
+torch.ops.fastlayers.*; each saves only what its backward needs.
+
+Double backward (create_graph=True, e.g. gradient penalties, Hessian-vector
+products): backward then runs with grad mode on and builds its gradients
+from differentiable pieces instead of the fused backward ops: Linear from
+LinearFunction itself, Conv2d from Conv2dFunction and the two Functions
+below for its grad_input and grad_weight (each the other's derivative, so
+any order works), MaxPool2d from a Function whose derivative is a gather at
+the argmax, BatchNorm from torch elementwise ops and reductions (the batch
+statistics recomputed from the input, so the graph sees them depend on it).
+"""
 import torch
 
 ops = torch.ops.fastlayers
 
 
-def _no_double_backward(name):
+def _create_graph():
     # backward runs with grad mode on only under create_graph=True.
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"fastlayers: double backward through {name} is not supported yet "
-            "(backward was called with create_graph=True)")
+    return torch.is_grad_enabled()
 
 
 def _grad_or_none(t, needed):
@@ -31,9 +38,13 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        _no_double_backward("linear")
         input, weight = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
+        if _create_graph():  # dX = dY W, dW = dY^T X, db = sum dY, all differentiable
+            gi = LinearFunction.apply(grad_output, weight.t(), None) if mask[0] else None
+            gw = LinearFunction.apply(grad_output.t(), input.t(), None) if mask[1] else None
+            gb = grad_output.sum(0) if mask[2] else None
+            return gi, gw, gb
         x_shape, w_shape = ctx.shapes
         # ops.linear_backward needs both operands for shapes; stand in with
         # stride-0 views (no memory) for the one we did not keep.
@@ -60,9 +71,16 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        _no_double_backward("conv2d")
         input, weight = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
+        if _create_graph():
+            (x_shape, x_stride), (w_shape, w_stride) = ctx.layouts
+            gi = (Conv2dGradInput.apply(grad_output, weight, x_shape, x_stride, ctx.conf)
+                  if mask[0] else None)
+            gw = (Conv2dGradWeight.apply(grad_output, input, w_shape, w_stride, ctx.conf)
+                  if mask[1] else None)
+            gb = grad_output.sum((0, 2, 3)) if mask[2] else None
+            return gi, gw, gb, None, None, None, None
         # The op reads the shape and memory format of both; a tensor we did not
         # keep is stood in for by an uninitialised one with the same strides
         # (never read, and never touched, so it costs no memory).
@@ -74,6 +92,78 @@ class Conv2dFunction(torch.autograd.Function):
         gi, gw, gb = ops.conv2d_backward(grad_output, input, weight, *ctx.conf, mask)
         return (_grad_or_none(gi, mask[0]), _grad_or_none(gw, mask[1]),
                 _grad_or_none(gb, mask[2]), None, None, None, None)
+
+
+class Conv2dGradInput(torch.autograd.Function):
+    """grad_input of a convolution, dX(dY, W), as a differentiable function
+    (double backward). Linear in each argument: d/d dY is the forward
+    convolution, d/dW the grad_weight."""
+
+    @staticmethod
+    def forward(ctx, grad_output, weight, x_shape, x_stride, conf):
+        ctx.save_for_backward(grad_output, weight)
+        ctx.conf = conf
+        x = grad_output.new_empty_strided(x_shape, x_stride)  # shape and layout only
+        return ops.conv2d_backward(grad_output, x, weight, *conf, [True, False, False])[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_output, weight = ctx.saved_tensors
+        need_dy, need_w = ctx.needs_input_grad[:2]
+        w = weight.stride()
+        gdy = Conv2dFunction.apply(g, weight, None, *ctx.conf) if need_dy else None
+        gw = (Conv2dGradWeight.apply(grad_output, g, weight.shape, w, ctx.conf)
+              if need_w else None)
+        return gdy, gw, None, None, None
+
+
+class Conv2dGradWeight(torch.autograd.Function):
+    """grad_weight of a convolution, dW(dY, X), as a differentiable function
+    (double backward): d/d dY is the forward convolution of X with the
+    incoming gradient as weight, d/dX the grad_input."""
+
+    @staticmethod
+    def forward(ctx, grad_output, input, w_shape, w_stride, conf):
+        ctx.save_for_backward(grad_output, input)
+        ctx.conf = conf
+        w = grad_output.new_empty_strided(w_shape, w_stride)  # shape and layout only
+        return ops.conv2d_backward(grad_output, input, w, *conf, [False, True, False])[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_output, input = ctx.saved_tensors
+        need_dy, need_x = ctx.needs_input_grad[:2]
+        gdy = Conv2dFunction.apply(input, g, None, *ctx.conf) if need_dy else None
+        gx = (Conv2dGradInput.apply(grad_output, g, input.shape, input.stride(), ctx.conf)
+              if need_x else None)
+        return gdy, gx, None, None, None
+
+
+class MaxPool2dGradInput(torch.autograd.Function):
+    """MaxPool2d's grad_input as a differentiable function of grad_output
+    (double backward): its derivative takes the incoming gradient at each
+    window's argmax (zero for a window with no element inside the input)."""
+
+    @staticmethod
+    def forward(ctx, grad_output, offsets, size, k, s, p, d, channels_last):
+        ctx.save_for_backward(offsets)
+        ctx.conf = (size, k, s, p, d)
+        return ops.max_pool2d_backward(grad_output, offsets, size, k, s, p, d, channels_last)
+
+    @staticmethod
+    def backward(ctx, g):
+        (offsets,) = ctx.saved_tensors
+        (_, _, H, W), (kH, kW), (sH, sW), (pH, pW), (dH, dW) = ctx.conf
+        oh, ow = offsets.shape[2:]
+        o = offsets.long()
+        dev = offsets.device
+        ih = (torch.arange(oh, device=dev) * sH - pH).view(-1, 1) + o // kW * dH
+        iw = torch.arange(ow, device=dev) * sW - pW + o % kW * dW
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        idx = (ih.clamp(0, H - 1) * W + iw.clamp(0, W - 1)).flatten(2)
+        picked = g.flatten(2).gather(2, idx).view(offsets.shape)
+        ggo = torch.where(inside, picked, torch.zeros((), dtype=g.dtype, device=dev))
+        return ggo, None, None, None, None, None, None, None
 
 
 class MaxPool2dFunction(torch.autograd.Function):
@@ -96,11 +186,13 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_offsets):
-        _no_double_backward("max_pool2d")
         if grad_output is None:  # output unused: no gradient flows
             return None, None, None, None, None, None
         (offsets,) = ctx.saved_tensors
         size, k, s, p, d, channels_last = ctx.conf
+        if _create_graph():
+            gi = MaxPool2dGradInput.apply(grad_output, offsets, size, k, s, p, d, channels_last)
+            return gi, None, None, None, None, None
         gi = ops.max_pool2d_backward(grad_output, offsets, size, k, s, p, d, channels_last)
         return gi, None, None, None, None, None
 
@@ -122,15 +214,41 @@ class BatchNorm2dFunction(torch.autograd.Function):
                 mean = running_mean.detach().clone()
                 invstd = torch.rsqrt(running_var.detach() + eps)
         ctx.training = training
+        ctx.eps = eps
         ctx.save_for_backward(input, weight, mean, invstd)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        _no_double_backward("batch_norm")
         input, weight, mean, invstd = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
+        if _create_graph():
+            return _batch_norm_backward_graph(ctx, grad_output, input, weight, mean, invstd,
+                                              mask)
         gi, gw, gb = ops.batch_norm_backward(grad_output, input, weight, mean, invstd,
                                              ctx.training, mask)
         return (_grad_or_none(gi, mask[0]), _grad_or_none(gw, mask[1]),
                 _grad_or_none(gb, mask[2]), None, None, None, None, None)
+
+
+def _batch_norm_backward_graph(ctx, dy, x, weight, mean, invstd, mask):
+    """BatchNorm's backward from differentiable torch ops (double backward)."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if ctx.training:  # statistics recomputed from x, so the graph sees x in them
+        mu = x.mean(dims, keepdim=True)
+        inv = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + ctx.eps)
+    else:
+        mu, inv = mean.view(shape), invstd.view(shape)
+    xhat = (x - mu) * inv
+    gi = gw = gb = None
+    if mask[0]:
+        g = dy * weight.view(shape) if weight is not None else dy
+        if ctx.training:
+            g = g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)
+        gi = g * inv
+    if mask[1]:
+        gw = (dy * xhat).sum(dims)
+    if mask[2]:
+        gb = dy.sum(dims)
+    return gi, gw, gb, None, None, None, None, None

@@ -268,14 +268,77 @@ def test_wrong_type_names_parameter():
 
 
 @pytest.mark.parametrize("ours_cls,ref_cls,args,shape", LAYERS)
-def test_double_backward_is_a_clear_error(ours_cls, ref_cls, args, shape):
-    m = ours_cls(*args).double()
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    y = m(x)
-    (g,) = torch.autograd.grad(y.sum(), x, create_graph=False)
-    assert g.shape == x.shape
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+@pytest.mark.parametrize("train", [True, False])
+def test_double_backward_matches_torch(ours_cls, ref_cls, args, shape, train):
+    """create_graph=True (a gradient penalty: the norm of d out / d x, then
+    its gradient): the second-order gradients equal torch.nn's, for the input
+    and every parameter, in training and eval mode."""
+    torch.manual_seed(0)
+    ref = ref_cls(*args).double().train(train)
+    ours = ours_cls(*args).double().train(train)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    if ours_cls is fastlayers.MaxPool2d:
+        x = x.reshape(-1)[torch.randperm(x.numel())].reshape(shape)  # no ties
+    grads = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        (g,) = torch.autograd.grad((y * torch.sin(y)).sum(), xi, create_graph=True)
+        penalty = (g.pow(2).sum() - 1).pow(2)
+        params = [p for p in m.parameters()]
+        grads.append(torch.autograd.grad(penalty, [xi] + params, allow_unused=True))
+    assert len(grads[0]) == len(grads[1])
+    for gr, go in zip(*grads):
+        if gr is None:
+            assert go is None or torch.count_nonzero(go) == 0
+            continue
+        torch.testing.assert_close(go, gr, rtol=1e-9, atol=1e-10)
+
+
+_F = fastlayers.functional
+_D = torch.float64
+
+
+def _t(*shape, cl=False):
+    t = torch.randn(*shape, dtype=_D)
+    if cl:
+        t = t.to(memory_format=torch.channels_last)
+    return t.requires_grad_()
+
+
+@pytest.mark.parametrize("name,fn,inputs", [
+    ("linear", lambda x, w, b: _F.linear(x, w, b), lambda: (_t(4, 5), _t(3, 5), _t(3))),
+    ("linear_3d", lambda x, w: _F.linear(x, w), lambda: (_t(2, 3, 5), _t(4, 5))),
+    ("conv_strided_dilated_grouped", lambda x, w, b: _F.conv2d(x, w, b, (2, 1), (1, 0), (1, 2), 2),
+     lambda: (_t(2, 4, 7, 6), _t(6, 2, 3, 3), _t(6))),
+    ("conv_channels_last", lambda x, w: _F.conv2d(x, w, None, 1, 1),
+     lambda: (_t(2, 3, 5, 6, cl=True), _t(4, 3, 3, 3))),
+    ("pool_k3s2p1", lambda x: _F.max_pool2d(x, 3, 2, 1), lambda: (_t(2, 3, 7, 8),)),
+    ("pool_dilated_ceil", lambda x: _F.max_pool2d(x, 2, 2, 1, 2, True), lambda: (_t(2, 3, 7, 8),)),
+    ("pool_channels_last", lambda x: _F.max_pool2d(x, 2), lambda: (_t(2, 3, 6, 6, cl=True),)),
+    ("bn_train", lambda x, w, b: _F.batch_norm(x, None, None, w, b, True),
+     lambda: (_t(4, 3, 5, 5), _t(3), _t(3))),
+    ("bn_eval", lambda x, w, b, rm=torch.randn(3, dtype=_D), rv=torch.rand(3, dtype=_D) + 0.5:
+     _F.batch_norm(x, rm, rv, w, b, False),
+     lambda: (_t(4, 3, 5, 5), _t(3), _t(3))),
+    ("bn_no_affine_2d", lambda x: _F.batch_norm(x, None, None, None, None, True),
+     lambda: (_t(6, 4),)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_gradgradcheck(name, fn, inputs):
+    """Second derivatives (float64, numerical check) of every layer."""
+    torch.manual_seed(0)
+    assert torch.autograd.gradgradcheck(fn, inputs())
+
+
+def test_third_order_conv():
+    """The grad_input / grad_weight Functions are each other's derivatives,
+    so a third derivative works too."""
+    torch.manual_seed(0)
+    x, w = _t(1, 2, 5, 5), _t(3, 2, 3, 3)
+    f = lambda x, w: _F.conv2d(x, w, None, 1, 1).pow(2)  # noqa: E731
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: torch.autograd.grad(f(x, w).sum(), (x, w), create_graph=True), (x, w))
 
 
 def test_build_info():
