@@ -4,9 +4,9 @@ torch.ops.fastlayers.*; each saves only what its backward needs.
 Double backward (create_graph=True, e.g. gradient penalties, Hessian-vector
 products): backward then runs with grad mode on and builds its gradients
 from differentiable pieces instead of the fused backward ops: Linear from
-LinearFunction itself, Conv2d from Conv2dFunction and the two Functions
-below for its grad_input and grad_weight (each the other's derivative, so
-any order works), MaxPool2d from a Function whose derivative is a gather at
+LinearFunction itself, Conv2d from Conv2dFunction and Conv2dGrad (its
+grad_input and grad_weight, each the other's derivative, so any order
+works), MaxPool2d from a Function whose derivative is a gather at
 the argmax, BatchNorm from torch elementwise ops and reductions (the batch
 statistics recomputed from the input, so the graph sees them depend on it).
 """
@@ -75,9 +75,9 @@ class Conv2dFunction(torch.autograd.Function):
         mask = list(ctx.needs_input_grad[:3])
         if _create_graph():
             (x_shape, x_stride), (w_shape, w_stride) = ctx.layouts
-            gi = (Conv2dGradInput.apply(grad_output, weight, x_shape, x_stride, ctx.conf)
+            gi = (Conv2dGrad.apply(grad_output, weight, x_shape, x_stride, ctx.conf, 0)
                   if mask[0] else None)
-            gw = (Conv2dGradWeight.apply(grad_output, input, w_shape, w_stride, ctx.conf)
+            gw = (Conv2dGrad.apply(grad_output, input, w_shape, w_stride, ctx.conf, 1)
                   if mask[1] else None)
             gb = grad_output.sum((0, 2, 3)) if mask[2] else None
             return gi, gw, gb, None, None, None, None
@@ -94,49 +94,32 @@ class Conv2dFunction(torch.autograd.Function):
                 _grad_or_none(gb, mask[2]), None, None, None, None)
 
 
-class Conv2dGradInput(torch.autograd.Function):
-    """grad_input of a convolution, dX(dY, W), as a differentiable function
-    (double backward). Linear in each argument: d/d dY is the forward
-    convolution, d/dW the grad_weight."""
+class Conv2dGrad(torch.autograd.Function):
+    """One gradient of a convolution as a differentiable function (double
+    backward): which = 0 is grad_input dX(dY, W) (other = W), which = 1 is
+    grad_weight dW(dY, X) (other = X). Each is linear in both arguments: the
+    derivative along dY is a forward convolution, the one along `other` the
+    other gradient, so any order of derivative works."""
 
     @staticmethod
-    def forward(ctx, grad_output, weight, x_shape, x_stride, conf):
-        ctx.save_for_backward(grad_output, weight)
-        ctx.conf = conf
-        x = grad_output.new_empty_strided(x_shape, x_stride)  # shape and layout only
-        return ops.conv2d_backward(grad_output, x, weight, *conf, [True, False, False])[0]
-
-    @staticmethod
-    def backward(ctx, g):
-        grad_output, weight = ctx.saved_tensors
-        need_dy, need_w = ctx.needs_input_grad[:2]
-        w = weight.stride()
-        gdy = Conv2dFunction.apply(g, weight, None, *ctx.conf) if need_dy else None
-        gw = (Conv2dGradWeight.apply(grad_output, g, weight.shape, w, ctx.conf)
-              if need_w else None)
-        return gdy, gw, None, None, None
-
-
-class Conv2dGradWeight(torch.autograd.Function):
-    """grad_weight of a convolution, dW(dY, X), as a differentiable function
-    (double backward): d/d dY is the forward convolution of X with the
-    incoming gradient as weight, d/dX the grad_input."""
-
-    @staticmethod
-    def forward(ctx, grad_output, input, w_shape, w_stride, conf):
-        ctx.save_for_backward(grad_output, input)
-        ctx.conf = conf
-        w = grad_output.new_empty_strided(w_shape, w_stride)  # shape and layout only
-        return ops.conv2d_backward(grad_output, input, w, *conf, [False, True, False])[1]
+    def forward(ctx, grad_output, other, shape, stride, conf, which):
+        ctx.save_for_backward(grad_output, other)
+        ctx.conf, ctx.which = conf, which
+        standin = grad_output.new_empty_strided(shape, stride)  # shape and layout only
+        x, w = (standin, other) if which == 0 else (other, standin)
+        return ops.conv2d_backward(grad_output, x, w, *conf,
+                                   [which == 0, which == 1, False])[which]
 
     @staticmethod
     def backward(ctx, g):
-        grad_output, input = ctx.saved_tensors
-        need_dy, need_x = ctx.needs_input_grad[:2]
-        gdy = Conv2dFunction.apply(input, g, None, *ctx.conf) if need_dy else None
-        gx = (Conv2dGradInput.apply(grad_output, g, input.shape, input.stride(), ctx.conf)
-              if need_x else None)
-        return gdy, gx, None, None, None
+        grad_output, other = ctx.saved_tensors
+        need_dy, need_other = ctx.needs_input_grad[:2]
+        x, w = (g, other) if ctx.which == 0 else (other, g)
+        gdy = Conv2dFunction.apply(x, w, None, *ctx.conf) if need_dy else None
+        # d/d other: the other gradient, with g in place of what it differentiates by
+        gother = (Conv2dGrad.apply(grad_output, g, other.shape, other.stride(), ctx.conf,
+                                   1 - ctx.which) if need_other else None)
+        return gdy, gother, None, None, None, None
 
 
 class MaxPool2dGradInput(torch.autograd.Function):
