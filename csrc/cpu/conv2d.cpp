@@ -296,7 +296,7 @@ void forward_gemm(const ConvShape& s, bool cl, const T* x, const T* w, const T* 
   // NCHW: A = W_g; NHWC: B = W_g^T.
   const PackedWeight<T> wpk(s, nblk * ntiles, !nhwc, nhwc, w);
   // NCHW: im2col writes the GEMM's packed-B layout directly.
-  const cpu::PackedBLayout lay = cpu::gemm_packed_b_layout<T>();
+  const cpu::PackedBLayout lay = cpu::gemm_packed_b_layout<T>(rowlen);
   const int64_t col_elems =
       pw ? 0 : nhwc ? rowlen * tile * ipt : cpu::gemm_packed_b_size<T>(rowlen, tile);
   cpu::run_chunks(nblk * s.G * ntiles, [&](int64_t, int64_t i0, int64_t i1) {

@@ -116,6 +116,12 @@ T* scratch(int slot, int64_t elems) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// The depth of the K blocks for a K-deep GEMM: K in equal blocks of at most
+// KC (K = 784 runs 4 x 196, not 256, 256, 256 and a 16-deep block that
+// reloads and stores C for 16 steps). Packing and the driver both use it, so
+// a pre-packed operand has the blocks the driver walks.
+inline int64_t kc_for(int64_t KC, int64_t K) { return K <= KC ? KC : ceil_div(K, ceil_div(K, KC)); }
+
 // ---------------------------------------------------------------------------
 // Packing from a source contiguous along M (A) or N (B), k-th line at
 // src + k * s_k: R-wide slivers, dst[i0 * kc + k * R + r], zero past `len`.
@@ -316,14 +322,14 @@ template <typename T>
 // s_mn / s_k: X's strides along M (or N) and along K.
 void pack_all(bool is_a, int64_t MN, int64_t K, const T* X, int64_t s_mn, int64_t s_k, T* dst) {
   const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
-  const int64_t R = is_a ? ks.MR : ks.NR, MNr = round_up(MN, R);
-  const int64_t nslab = ceil_div(MN, R), nkb = ceil_div(K, ks.KC);
+  const int64_t R = is_a ? ks.MR : ks.NR, MNr = round_up(MN, R), KC = kc_for(ks.KC, K);
+  const int64_t nslab = ceil_div(MN, R), nkb = ceil_div(K, KC);
   // Items: (K block, group of slivers) pairs, so a short K still splits.
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(nslab, 16));
   const int64_t groups = ceil_div(nslab, per);
   at::parallel_for(0, nkb * groups, 1, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
-      const int64_t pc = (it / groups) * ks.KC, kc = std::min(ks.KC, K - pc);
+      const int64_t pc = (it / groups) * KC, kc = std::min(KC, K - pc);
       const int64_t r0 = (it % groups) * per * R, rn = std::min(per * R, MN - r0);
       T* d = dst + pc * MNr + r0 * kc;
       const T* src = X + r0 * s_mn + pc * s_k;
@@ -385,7 +391,8 @@ void gemm_impl(GemmArgs<T> g) {
   // K == 1 (the grad_weight of a batch-1 Linear): a rank-1 update, written
   // row by row. Through the micro-kernels it would be all epilogue.
   if (g.K == 1 && !prepacked && g.csC == 1 && !g.bias_m && !g.bias_n) return gemm_rank1(g);
-  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  ks.KC = kc_for(ks.KC, g.K);
   const int64_t MR = ks.MR, NR = ks.NR;
 
   // Tiny M (or N) with A rows and B columns contiguous along K (Linear forward
@@ -512,9 +519,9 @@ int64_t gemm_packed_b_size(int64_t K, int64_t N) {
   return gemm_detail::round_up(N, ks.NR) * K;
 }
 template <typename T>
-PackedBLayout gemm_packed_b_layout() {
+PackedBLayout gemm_packed_b_layout(int64_t K) {
   const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
-  return {ks.KC, ks.NR};
+  return {gemm_detail::kc_for(ks.KC, K), ks.NR};
 }
 template <typename T>
 void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
@@ -550,9 +557,10 @@ bool gemm_implicit_b_available() {
 template <typename T>
 void gemm_implicit_b(const ImplicitB<T>& g) {
   using namespace gemm_detail;
-  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
   TORCH_CHECK(ks.indirect_b && g.R == ks.NR,
               "fastlayers: the CPU kernel path changed during a convolution");
+  ks.KC = kc_for(ks.KC, g.K);  // the blocks gemm_pack_a packed A in
   const int MR = ks.MR, NR = ks.NR;
   const int64_t Mr = round_up(g.M, MR);
   T* const ctiles = scratch<T>(2, Mr * NR);  // (gemm_block's slot: not used meanwhile)
@@ -598,8 +606,8 @@ template int64_t gemm_packed_a_size<float>(int64_t, int64_t);
 template int64_t gemm_packed_a_size<double>(int64_t, int64_t);
 template int64_t gemm_packed_b_size<float>(int64_t, int64_t);
 template int64_t gemm_packed_b_size<double>(int64_t, int64_t);
-template PackedBLayout gemm_packed_b_layout<float>();
-template PackedBLayout gemm_packed_b_layout<double>();
+template PackedBLayout gemm_packed_b_layout<float>(int64_t);
+template PackedBLayout gemm_packed_b_layout<double>(int64_t);
 template void gemm_fill_b_row<float>(const SliverFill*, int64_t, const float*, int64_t, float*,
                                      int64_t, int64_t);
 template void gemm_fill_b_row<double>(const SliverFill*, int64_t, const double*, int64_t,

@@ -118,7 +118,8 @@ void gemm_implicit_b(const ImplicitB<T>& g);
 
 // Where gemm_pack_b puts element (k, j) of a K x N operand, so a producer
 // (im2col) can write B straight into the packed layout: per block of KC rows
-// of K, R-column slivers stored k-major, lanes past N zero:
+// of K (KC depends on K: pass the operand's K; R alone needs none), R-column
+// slivers stored k-major, lanes past N zero:
 //   off(k, j) = (k / KC) * KC * Nr + (j / R) * R * kc + (k % KC) * R + j % R,
 //   Nr = N rounded up to R, kc = min(KC, K - k / KC * KC).
 struct PackedBLayout {
@@ -126,7 +127,7 @@ struct PackedBLayout {
   int64_t R;
 };
 template <typename T>
-PackedBLayout gemm_packed_b_layout();
+PackedBLayout gemm_packed_b_layout(int64_t K = 0);
 
 // One row k of one packed-B sliver, filled from contiguous source runs (a
 // producer such as im2col writing straight into the packed layout): a
