@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "conv2d.h"
+#include "gemm_kernels.h"
 
 namespace fastlayers::cpu {
 namespace {
@@ -31,12 +32,10 @@ int64_t rnd8(int64_t v) { return (v + 7) / 8 * 8; }
 struct Flat {
   int64_t Wp, T, L;  // pitch, computed outputs (multiple of 8), padded plane length
   std::vector<int64_t> d;  // tap shifts, r*S + q
-  // grad_input taps j = (r*S + q)*Cg + c: weight offset c*RS + r*S + q and
-  // padded-plane offset c*L + d[r*S + q] (tables: no divisions in the loops).
+  // Taps j = (r*S + q)*Cg + c: weight offset c*RS + r*S + q and padded-plane
+  // offset c*L + d[r*S + q] (tables: no divisions in the loops); grad_input
+  // and the channels-in-lanes forward walk them in this order.
   std::vector<int64_t> gi_w, gi_x;
-  // Forward with channels in the lanes: tap j = (r*S + q)*Cg + c reads the
-  // channels-last padded image at offset cl_x[j] = (r*dH*Wp + q*dW)*Cg + c.
-  std::vector<int64_t> cl_x;
   explicit Flat(const ConvShape& s) {
     Wp = s.W + 2 * s.pW;
     T = rnd8((s.P - 1) * Wp + s.Q);  // through the last valid output
@@ -47,7 +46,6 @@ struct Flat {
     for (int64_t j = 0; j < s.CgRS(); ++j) {
       gi_w.push_back((j % s.Cg) * s.RS() + j / s.Cg);
       gi_x.push_back((j % s.Cg) * L + d[j / s.Cg]);
-      cl_x.push_back(d[j / s.Cg] * s.Cg + j % s.Cg);
     }
   }
 };
@@ -65,15 +63,6 @@ void widen_dy(const ConvShape& s, const Flat& f, const float* dy, float* buf) {
   for (int64_t h = 0; h < s.P; ++h) std::copy(dy + h * s.Q, dy + (h + 1) * s.Q, buf + h * f.Wp);
 }
 
-// Image x [Cg, H, W] -> xt [Hp*Wp][Cg], zero-padded channels-last.
-void pad_in_cl(const ConvShape& s, const Flat& f, const float* x, float* xt) {
-  std::fill(xt, xt + (s.H + 2 * s.pH) * f.Wp * s.Cg, 0.f);
-  for (int64_t c = 0; c < s.Cg; ++c)
-    for (int64_t h = 0; h < s.H; ++h)
-      for (int64_t wi = 0; wi < s.W; ++wi)
-        xt[((h + s.pH) * f.Wp + wi + s.pW) * s.Cg + c] = x[(c * s.H + h) * s.W + wi];
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
@@ -88,6 +77,19 @@ inline float hsum8(__m256 v) {
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
   a = _mm_add_ss(a, _mm_movehdup_ps(a));
   return _mm_cvtss_f32(a);
+}
+
+// db[k] += the sum of row k of a [rows][n] matrix.
+void db_add_rows(int64_t rows, int64_t n, const float* a, double* db) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* r = a + k * n;
+    __m256 v = _mm256_setzero_ps();
+    int64_t p = 0;
+    for (; p + 8 <= n; p += 8) v = _mm256_add_ps(v, _mm256_loadu_ps(r + p));
+    float t = hsum8(v);
+    for (; p < n; ++p) t += r[p];
+    db[k] += t;
+  }
 }
 
 // Forward block: KB output channels (weights wk, row stride CgRS) x TB
@@ -167,51 +169,50 @@ void gin_block(const ConvShape& s, const Flat& f, const float* dyb, const float*
 }
 
 // Forward with output channels in the vector lanes (Kg = 8 or 16: no lanes
-// wasted on the dropped columns): xt is the padded image channels-last
-// [Hp*Wp][Cg], wt the filters as [r, q, c][Kg]; PB pixels ow0 .. of row oh.
+// wasted on the dropped columns): xb is the image's Cg padded planes (as
+// pad_in makes them), wt the filters as [r, q, c][Kg]; PB pixels ow0 .. of
+// row oh, stored channels-last into yt [P*Q][Kg].
 template <int KV, int PB>
-void fwd_cl_block(const ConvShape& s, const Flat& f, const float* xt, const float* wt,
-                  const float* bias, int64_t oh, int64_t ow0, float* y) {
-  const int64_t Cg = s.Cg, Kg = s.Kg;
+void fwd_cl_block(const ConvShape& s, const Flat& f, const float* xb, const float* wt,
+                  const float* bias, int64_t oh, int64_t ow0, float* yt) {
+  const int64_t Kg = s.Kg;
   __m256 acc[PB][KV];
   for (int v = 0; v < KV; ++v) {
     const __m256 bv = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
     for (int p = 0; p < PB; ++p) acc[p][v] = bv;
   }
   // One loop over the taps (r, q, c): weights in order, inputs by table.
-  const float* xo = xt + (oh * f.Wp + ow0) * Cg;
-  const int64_t* xj = f.cl_x.data();
+  const float* xo = xb + oh * f.Wp + ow0;
+  const int64_t* xj = f.gi_x.data();
   for (int64_t j = 0, n = s.CgRS(); j < n; ++j) {
     const float* xp = xo + xj[j];
     const float* wp = wt + j * Kg;
     __m256 wv[KV];
     for (int v = 0; v < KV; ++v) wv[v] = _mm256_loadu_ps(wp + 8 * v);
     for (int p = 0; p < PB; ++p) {
-      const __m256 xb = _mm256_set1_ps(xp[p * Cg]);
-      for (int v = 0; v < KV; ++v) acc[p][v] = _mm256_fmadd_ps(xb, wv[v], acc[p][v]);
+      const __m256 xv = _mm256_set1_ps(xp[p]);
+      for (int v = 0; v < KV; ++v) acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
     }
   }
-  alignas(32) float tmp[PB][KV * 8];
+  float* yp = yt + (oh * s.Q + ow0) * Kg;
   for (int p = 0; p < PB; ++p)
-    for (int v = 0; v < KV; ++v) _mm256_store_ps(tmp[p] + 8 * v, acc[p][v]);
-  for (int64_t k = 0; k < Kg; ++k)
-    for (int p = 0; p < PB; ++p) y[k * s.PQ() + oh * s.Q + ow0 + p] = tmp[p][k];
+    for (int v = 0; v < KV; ++v) _mm256_storeu_ps(yp + p * Kg + 8 * v, acc[p][v]);
 }
 
 // Row oh in ceil(Q / 6) near-equal pixel blocks (Q = 10: 5 + 5, not 6 + 4).
 template <int KV>
-void fwd_cl_row(const ConvShape& s, const Flat& f, const float* xt, const float* wt,
-                const float* bias, int64_t oh, float* y) {
+void fwd_cl_row(const ConvShape& s, const Flat& f, const float* xb, const float* wt,
+                const float* bias, int64_t oh, float* yt) {
   const int64_t nb = (s.Q + 5) / 6;
   for (int64_t i = 0; i < nb; ++i) {
     const int64_t ow = i * s.Q / nb, pb = (i + 1) * s.Q / nb - ow;
     switch (pb) {
-      case 1: fwd_cl_block<KV, 1>(s, f, xt, wt, bias, oh, ow, y); break;
-      case 2: fwd_cl_block<KV, 2>(s, f, xt, wt, bias, oh, ow, y); break;
-      case 3: fwd_cl_block<KV, 3>(s, f, xt, wt, bias, oh, ow, y); break;
-      case 4: fwd_cl_block<KV, 4>(s, f, xt, wt, bias, oh, ow, y); break;
-      case 5: fwd_cl_block<KV, 5>(s, f, xt, wt, bias, oh, ow, y); break;
-      default: fwd_cl_block<KV, 6>(s, f, xt, wt, bias, oh, ow, y); break;
+      case 1: fwd_cl_block<KV, 1>(s, f, xb, wt, bias, oh, ow, yt); break;
+      case 2: fwd_cl_block<KV, 2>(s, f, xb, wt, bias, oh, ow, yt); break;
+      case 3: fwd_cl_block<KV, 3>(s, f, xb, wt, bias, oh, ow, yt); break;
+      case 4: fwd_cl_block<KV, 4>(s, f, xb, wt, bias, oh, ow, yt); break;
+      case 5: fwd_cl_block<KV, 5>(s, f, xb, wt, bias, oh, ow, yt); break;
+      default: fwd_cl_block<KV, 6>(s, f, xb, wt, bias, oh, ow, yt); break;
     }
   }
 }
@@ -242,18 +243,18 @@ inline void grid(int64_t ni, int64_t nv, const F& fn) {
 
 bool use_cl_forward(const ConvShape& s) { return s.Kg == 8 || s.Kg == 16; }
 
-// xb: Cg*L floats (flat) or >= Hp*Wp*Cg (channels-last); wt: [r, q, c][Kg].
+// xb: Cg*L floats, yb: Kg*T; wt: [r, q, c][Kg].
 void forward_image(const ConvShape& s, const Flat& f, const float* x, const float* w,
                    const float* wt, const float* b, float* y, float* xb, float* yb) {
-  if (use_cl_forward(s)) {
-    pad_in_cl(s, f, x, xb);
-    for (int64_t oh = 0; oh < s.P; ++oh) {
-      if (s.Kg == 16) fwd_cl_row<2>(s, f, xb, wt, b, oh, y);
-      else fwd_cl_row<1>(s, f, xb, wt, b, oh, y);
-    }
-    return;
-  }
   for (int64_t c = 0; c < s.Cg; ++c) pad_in(s, f, x + c * s.HW(), xb + c * f.L);
+  if (use_cl_forward(s)) {
+    for (int64_t oh = 0; oh < s.P; ++oh) {
+      if (s.Kg == 16) fwd_cl_row<2>(s, f, xb, wt, b, oh, yb);
+      else fwd_cl_row<1>(s, f, xb, wt, b, oh, yb);
+    }
+    // yb [P*Q][Kg] -> y [Kg][P*Q]
+    return gemm_detail::transpose_f32_avx2(s.PQ(), s.Kg, yb, s.Kg, y, s.PQ());
+  }
   grid(s.Kg, f.T / 8, [&]<int KB, int TB>(int64_t k0, int64_t v0) {
     fwd_block<KB, TB>(s, f, xb, w + k0 * s.CgRS(), b ? b + k0 : nullptr, 8 * v0, yb + k0 * f.T);
   });
@@ -303,26 +304,27 @@ void grad_weight_images(const ConvShape& s, const Flat& f, const float* dy, cons
 }
 
 // grad_weight with output channels in the lanes (Kg = 8 or 16, as forward):
-//   dw[k, c, r, q] += sum over images, pixels of dyT[pix][k] * xt[pix + tap][c]
+//   dw[k, c, r, q] += sum over images, pixels of dyT[pix][k] * x[c][pix + tap]
 // for up to 6 channels c of one tap (r, q) at a time; no horizontal sums.
+// Per image in buf: the Cg padded planes (pad_in), then dyT [P*Q][Kg].
 template <int KV, int CB>
 void wgt_cl_block(const ConvShape& s, const Flat& f, const float* buf, int64_t img, int64_t nb,
                   int64_t r, int64_t q, int64_t c0, double* dw) {
-  const int64_t Cg = s.Cg, Kg = s.Kg, xlen = (s.H + 2 * s.pH) * f.Wp * Cg;
+  const int64_t Kg = s.Kg, L = f.L;
   __m256 acc[CB][KV];
   for (int c = 0; c < CB; ++c)
     for (int v = 0; v < KV; ++v) acc[c][v] = _mm256_setzero_ps();
   for (int64_t n = 0; n < nb; ++n) {
     const float* xt = buf + n * img;
-    const float* dyt = xt + xlen;
+    const float* dyt = xt + s.Cg * L;
     for (int64_t oh = 0; oh < s.P; ++oh) {
-      const float* xp = xt + ((oh + r * s.dH) * f.Wp + q * s.dW) * Cg + c0;
+      const float* xp = xt + c0 * L + (oh + r * s.dH) * f.Wp + q * s.dW;
       const float* dp = dyt + oh * s.Q * Kg;
       for (int64_t ow = 0; ow < s.Q; ++ow) {
         __m256 dv[KV];
         for (int v = 0; v < KV; ++v) dv[v] = _mm256_loadu_ps(dp + ow * Kg + 8 * v);
         for (int c = 0; c < CB; ++c) {
-          const __m256 xb = _mm256_set1_ps(xp[ow * Cg + c]);
+          const __m256 xb = _mm256_set1_ps(xp[c * L + ow]);
           for (int v = 0; v < KV; ++v) acc[c][v] = _mm256_fmadd_ps(xb, dv[v], acc[c][v]);
         }
       }
@@ -356,26 +358,20 @@ void wgt_cl_taps(const ConvShape& s, const Flat& f, const float* buf, int64_t im
 
 // Per-image buffer length of grad_weight_images.
 int64_t gw_img_len(const ConvShape& s, const Flat& f) {
-  if (use_cl_forward(s)) return (s.H + 2 * s.pH) * f.Wp * s.Cg + s.PQ() * s.Kg;
-  return s.Cg * f.L + s.Kg * f.T;
+  return s.Cg * f.L + (use_cl_forward(s) ? s.PQ() : f.T) * s.Kg;
 }
 
 void grad_weight_images_cl(const ConvShape& s, const Flat& f, const float* dy, const float* x,
                            int64_t nb, int64_t g, double* dw, double* db, float* buf) {
-  const int64_t img = gw_img_len(s, f), xlen = (s.H + 2 * s.pH) * f.Wp * s.Cg, PQ = s.PQ();
+  const int64_t img = gw_img_len(s, f), PQ = s.PQ();
   for (int64_t n = 0; n < nb; ++n) {
     float* xt = buf + n * img;
-    float* dyt = xt + xlen;
+    float* dyt = xt + s.Cg * f.L;
     const float* dyn = dy + (n * s.K + g * s.Kg) * PQ;
-    pad_in_cl(s, f, x + (n * s.C + g * s.Cg) * s.HW(), xt);
-    for (int64_t k = 0; k < s.Kg; ++k) {
-      float t = 0;
-      for (int64_t p = 0; p < PQ; ++p) {
-        dyt[p * s.Kg + k] = dyn[k * PQ + p];
-        t += dyn[k * PQ + p];
-      }
-      if (db) db[k] += t;
-    }
+    const float* xn = x + (n * s.C + g * s.Cg) * s.HW();
+    for (int64_t c = 0; c < s.Cg; ++c) pad_in(s, f, xn + c * s.HW(), xt + c * f.L);
+    gemm_detail::transpose_f32_avx2(s.Kg, PQ, dyn, PQ, dyt, s.Kg);
+    if (db) db_add_rows(s.Kg, PQ, dyn, db);
   }
   if (s.Kg == 16) wgt_cl_taps<2>(s, f, buf, img, nb, dw);
   else wgt_cl_taps<1>(s, f, buf, img, nb, dw);
@@ -400,9 +396,8 @@ void small_forward_nchw(const ConvShape& s, const float* x, const float* w, cons
       for (int64_t c = 0; c < s.Cg; ++c)
         for (int64_t j = 0; j < RS; ++j)
           wt[g * s.Kg * CgRS + (j * s.Cg + c) * s.Kg + k] = w[(g * s.Kg + k) * CgRS + c * RS + j];
-  const int64_t xlen = std::max(s.Cg * f.L, (s.H + 2 * s.pH) * f.Wp * s.Cg);
   at::parallel_for(0, s.N * s.G, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> xb(xlen), yb(s.Kg * f.T);
+    std::vector<float> xb(s.Cg * f.L), yb(s.Kg * f.T);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / s.G, g = i % s.G;
       forward_image(s, f, x + (n * s.C + g * s.Cg) * s.HW(), w + g * s.Kg * CgRS,

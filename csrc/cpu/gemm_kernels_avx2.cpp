@@ -251,25 +251,41 @@ void fill_b_row_f32_avx2(const SliverFill* f, int64_t n, const float* x, int64_t
 
 // 8x8 register transposes over blocks of 64 columns (the destination rows
 // of a block, 64 x rows elements, are written while in cache).
+namespace {
+// The first n (0..8) lanes set: masks for partial rows and columns.
+__m256i first_lanes(int64_t n) {
+  alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
+}
+}  // namespace
+
+// dst[j * ldd + i] = src[i * lds + j], in 8 x 8 blocks (64 columns at a time);
+// partial blocks (e.g. 6 channels) with masked loads and partial stores, so
+// nothing outside either matrix is read or written.
 void transpose_f32_avx2(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
                         int64_t ldd) {
   constexpr int64_t kBlock = 64;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t j1 = std::min(cols, j0 + kBlock);
-    int64_t i = 0;
-    for (; i + 8 <= rows; i += 8) {
-      int64_t j = j0;
-      for (; j + 8 <= j1; j += 8) {
+    for (int64_t i = 0; i < rows; i += 8) {
+      const int rb = static_cast<int>(std::min<int64_t>(8, rows - i));
+      for (int64_t j = j0; j < j1; j += 8) {
+        const int cb = static_cast<int>(std::min<int64_t>(8, j1 - j));
+        const __m256i cm = first_lanes(cb);
         __m256 r[8];
-        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src + (i + q) * lds + j);
+        for (int q = 0; q < 8; ++q) {
+          const float* p = src + (i + q) * lds + j;
+          r[q] = q >= rb ? _mm256_setzero_ps()
+                 : cb == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, cm);
+        }
         transpose8(r);
-        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (j + q) * ldd + i, r[q]);
+        for (int q = 0; q < cb; ++q) {
+          float* p = dst + (j + q) * ldd + i;
+          if (rb == 8) _mm256_storeu_ps(p, r[q]);
+          else store_first(p, r[q], rb);  // not vmaskmovps: microcoded on AMD
+        }
       }
-      for (; j < j1; ++j)
-        for (int q = 0; q < 8; ++q) dst[j * ldd + i + q] = src[(i + q) * lds + j];
     }
-    for (; i < rows; ++i)
-      for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = src[i * lds + j];
   }
 }
 
