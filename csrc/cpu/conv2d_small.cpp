@@ -10,10 +10,13 @@
 //   grad_weight  dw[k,c,r,q]   += sum_t dyW[k][t] * x[c][t + d]
 //   grad_input   dx[c][t + d]  += sum_k w[k,c,r,q] * dyW[k][t]
 // where dyW is dY widened to pitch Wp with zero columns (so no tap wraps into
-// the next row). The loops keep a 4 x 3 block of ymm accumulators in
-// registers (4 channels or taps x 24 pixels). grad_weight sums images in fixed
-// blocks (in double), independent of the thread count. AVX2 only; callers
-// check small_conv_ok() and active_isa().
+// the next row). grad_input runs as a gather per filter row r: a block of dx
+// vectors sums its S taps q and Kg channels k in registers before one add
+// into the planes (Flat::gm). The loops keep up to 12 ymm accumulators in
+// registers. With Kg = 8 or 16 the forward and grad_weight put the output
+// channels in the lanes instead (no lanes spent on the dropped columns).
+// grad_weight sums images in fixed blocks (in double), independent of the
+// thread count. AVX2 only; callers check small_conv_ok() and active_isa().
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -35,7 +38,11 @@ struct Flat {
   // Taps j = (r*S + q)*Cg + c: weight offset c*RS + r*S + q and padded-plane
   // offset c*L + d[r*S + q] (tables: no divisions in the loops); grad_input
   // and the channels-in-lanes forward walk them in this order.
-  std::vector<int64_t> gi_w, gi_x;
+  std::vector<int64_t> gi_x;
+  // grad_input as a gather per filter row r: dx[c][r*dH*Wp + u] += sum over q,
+  // k of w[k,c,r,q] * dyW[k][u - q*dW] for u < 8*gnv, with dyW given a front
+  // margin of gm zeros (pitch gTp per k) and the dx planes pitch gLp.
+  int64_t gm, gnv, gTp, gLp;
   explicit Flat(const ConvShape& s) {
     Wp = s.W + 2 * s.pW;
     T = rnd8((s.P - 1) * Wp + s.Q);  // through the last valid output
@@ -43,8 +50,11 @@ struct Flat {
     d.resize(s.RS());
     for (int64_t r = 0; r < s.R; ++r)
       for (int64_t q = 0; q < s.S; ++q) d[r * s.S + q] = r * s.dH * Wp + q * s.dW;
+    gm = (s.S - 1) * s.dW;
+    gnv = (T + gm + 7) / 8;
+    gTp = gm + 8 * gnv;
+    gLp = (s.R - 1) * s.dH * Wp + 8 * gnv;
     for (int64_t j = 0; j < s.CgRS(); ++j) {
-      gi_w.push_back((j % s.Cg) * s.RS() + j / s.Cg);
       gi_x.push_back((j % s.Cg) * L + d[j / s.Cg]);
     }
   }
@@ -142,30 +152,53 @@ void wgt_block(const ConvShape& s, const Flat& f, const float* xb, const float* 
     for (int v = 0; v < TB; ++v) dw[(k0 + i) * s.CgRS() + c * s.RS() + j0 + v] += hsum8(acc[i][v]);
 }
 
-// grad_input block: taps j0 .. j0+KB-1 x TB vectors of t from t0: sums over
-// k, then adds into the padded dx planes (dxb). Taps are numbered (r*S + q)*Cg
-// + c, so a block's taps add into different planes: adding shifted vectors of
-// one plane back to back would overlap the stores just made and stall.
+// grad_input block: KB channels c0.. x TB vectors u0.. of filter row r
+// (see Flat::gm): sums over the S taps q and the Kg channels k in registers,
+// then adds once into the dx planes. wg is the group's filters as
+// [r][q][k][c], so a step's KB weights are adjacent.
 template <int KB, int TB>
-void gin_block(const ConvShape& s, const Flat& f, const float* dyb, const float* w, int64_t j0,
-               int64_t t0, float* dxb) {
-  const int64_t CgRS = s.CgRS();
+void gin_block(const ConvShape& s, const Flat& f, const float* dyb, const float* wg, int64_t r,
+               int64_t c0, int64_t u0, float* dxb) {
+  const int64_t Cg = s.Cg, Kg = s.Kg, Tp = f.gTp;
   __m256 acc[KB][TB];
   FL_UNROLL for (int i = 0; i < KB; ++i)
     FL_UNROLL for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < s.Kg; ++k) {
-    __m256 dv[TB];
-    FL_UNROLL for (int v = 0; v < TB; ++v) dv[v] = _mm256_loadu_ps(dyb + k * f.T + t0 + 8 * v);
-    FL_UNROLL for (int i = 0; i < KB; ++i) {
-      const __m256 wv = _mm256_set1_ps(w[k * CgRS + f.gi_w[j0 + i]]);
-      FL_UNROLL for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(wv, dv[v], acc[i][v]);
+  for (int64_t q = 0; q < s.S; ++q) {
+    const float* dq = dyb + f.gm - q * s.dW + u0;
+    const float* wq = wg + (r * s.S + q) * Kg * Cg + c0;
+    for (int64_t k = 0; k < Kg; ++k) {
+      __m256 dv[TB];
+      FL_UNROLL for (int v = 0; v < TB; ++v) dv[v] = _mm256_loadu_ps(dq + k * Tp + 8 * v);
+      FL_UNROLL for (int i = 0; i < KB; ++i) {
+        const __m256 wv = _mm256_set1_ps(wq[k * Cg + i]);
+        FL_UNROLL for (int v = 0; v < TB; ++v) acc[i][v] = _mm256_fmadd_ps(wv, dv[v], acc[i][v]);
+      }
     }
   }
   FL_UNROLL for (int i = 0; i < KB; ++i) {
-    float* p = dxb + f.gi_x[j0 + i] + t0;
+    float* p = dxb + (c0 + i) * f.gLp + r * s.dH * f.Wp + u0;
     FL_UNROLL for (int v = 0; v < TB; ++v)
       _mm256_storeu_ps(p + 8 * v, _mm256_add_ps(_mm256_loadu_ps(p + 8 * v), acc[i][v]));
   }
+}
+
+template <int KB, int TB>
+inline void gin_tb(int64_t tb, const ConvShape& s, const Flat& f, const float* dyb,
+                   const float* wg, int64_t r, int64_t c0, int64_t u0, float* dxb) {
+  if constexpr (TB > 1) {
+    if (tb < TB) return gin_tb<KB, TB - 1>(tb, s, f, dyb, wg, r, c0, u0, dxb);
+  }
+  gin_block<KB, TB>(s, f, dyb, wg, r, c0, u0, dxb);
+}
+
+// Channel blocks of at most 6 (near-equal), each with 12 / KB (at most 4)
+// vectors at a time: 12 accumulators or fewer.
+template <int KB>
+void gin_row(const ConvShape& s, const Flat& f, const float* dyb, const float* wg, int64_t r,
+             int64_t c0, float* dxb) {
+  constexpr int TB = std::min(4, 12 / KB);
+  for (int64_t v0 = 0; v0 < f.gnv; v0 += TB)
+    gin_tb<KB, TB>(std::min<int64_t>(TB, f.gnv - v0), s, f, dyb, wg, r, c0, 8 * v0, dxb);
 }
 
 // Forward with output channels in the vector lanes (Kg = 8 or 16: no lanes
@@ -263,16 +296,31 @@ void forward_image(const ConvShape& s, const Flat& f, const float* x, const floa
       std::copy(yb + k * f.T + h * f.Wp, yb + k * f.T + h * f.Wp + s.Q, y + (k * s.P + h) * s.Q);
 }
 
-void grad_input_image(const ConvShape& s, const Flat& f, const float* dy, const float* w,
+// dyb: Kg * gTp floats, dxb: Cg * gLp; wg: the group's filters [r][q][k][c].
+void grad_input_image(const ConvShape& s, const Flat& f, const float* dy, const float* wg,
                       float* dx, float* dyb, float* dxb) {
-  for (int64_t k = 0; k < s.Kg; ++k) widen_dy(s, f, dy + k * s.PQ(), dyb + k * f.T);
-  std::fill(dxb, dxb + s.Cg * f.L, 0.f);
-  grid(s.CgRS(), f.T / 8, [&]<int KB, int TB>(int64_t j0, int64_t v0) {
-    gin_block<KB, TB>(s, f, dyb, w, j0, 8 * v0, dxb);
-  });
+  std::fill(dyb, dyb + s.Kg * f.gTp, 0.f);
+  for (int64_t k = 0; k < s.Kg; ++k)
+    for (int64_t h = 0; h < s.P; ++h)
+      std::copy(dy + (k * s.P + h) * s.Q, dy + (k * s.P + h + 1) * s.Q,
+                dyb + k * f.gTp + f.gm + h * f.Wp);
+  std::fill(dxb, dxb + s.Cg * f.gLp, 0.f);
+  const int64_t nc = (s.Cg + 5) / 6;  // channel blocks
+  for (int64_t r = 0; r < s.R; ++r)
+    for (int64_t i = 0; i < nc; ++i) {
+      const int64_t c0 = i * s.Cg / nc;
+      switch ((i + 1) * s.Cg / nc - c0) {
+        case 1: gin_row<1>(s, f, dyb, wg, r, c0, dxb); break;
+        case 2: gin_row<2>(s, f, dyb, wg, r, c0, dxb); break;
+        case 3: gin_row<3>(s, f, dyb, wg, r, c0, dxb); break;
+        case 4: gin_row<4>(s, f, dyb, wg, r, c0, dxb); break;
+        case 5: gin_row<5>(s, f, dyb, wg, r, c0, dxb); break;
+        default: gin_row<6>(s, f, dyb, wg, r, c0, dxb); break;
+      }
+    }
   for (int64_t c = 0; c < s.Cg; ++c)
     for (int64_t h = 0; h < s.H; ++h) {
-      const float* src = dxb + c * f.L + (h + s.pH) * f.Wp + s.pW;
+      const float* src = dxb + c * f.gLp + (h + s.pH) * f.Wp + s.pW;
       std::copy(src, src + s.W, dx + (c * s.H + h) * s.W);
     }
 }
@@ -383,7 +431,8 @@ bool small_conv_ok(const ConvShape& s, int64_t budget) {
   if (s.sH != 1 || s.sW != 1 || s.Cg < 2 || s.Kg > 32) return false;
   const Flat f(s);
   // One image's padded planes and outputs within the budget (L2 sized).
-  return (s.Cg * f.L + s.Kg * f.T) * 4 <= budget && s.CgRS() <= 1024;
+  const int64_t per_image = std::max(s.Cg * f.L + s.Kg * f.T, s.Cg * f.gLp + s.Kg * f.gTp);
+  return per_image * 4 <= budget && s.CgRS() <= 1024;
 }
 
 void small_forward_nchw(const ConvShape& s, const float* x, const float* w, const float* b,
@@ -409,12 +458,19 @@ void small_forward_nchw(const ConvShape& s, const float* x, const float* w, cons
 
 void small_grad_input_nchw(const ConvShape& s, const float* dy, const float* w, float* dx) {
   const Flat f(s);
+  const int64_t RS = s.RS(), CgRS = s.CgRS(), Cg = s.Cg, Kg = s.Kg;
+  std::vector<float> wg(s.G * Kg * CgRS);  // per group [r, q][k][c]
+  for (int64_t g = 0; g < s.G; ++g)
+    for (int64_t k = 0; k < Kg; ++k)
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t j = 0; j < RS; ++j)
+          wg[g * Kg * CgRS + (j * Kg + k) * Cg + c] = w[(g * Kg + k) * CgRS + c * RS + j];
   at::parallel_for(0, s.N * s.G, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> dyb(s.Kg * f.T), dxb(s.Cg * f.L);
+    std::vector<float> dyb(Kg * f.gTp), dxb(Cg * f.gLp);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / s.G, g = i % s.G;
-      grad_input_image(s, f, dy + (n * s.K + g * s.Kg) * s.PQ(), w + g * s.Kg * s.CgRS(),
-                       dx + (n * s.C + g * s.Cg) * s.HW(), dyb.data(), dxb.data());
+      grad_input_image(s, f, dy + (n * s.K + g * Kg) * s.PQ(), wg.data() + g * Kg * CgRS,
+                       dx + (n * s.C + g * Cg) * s.HW(), dyb.data(), dxb.data());
     }
   });
 }
