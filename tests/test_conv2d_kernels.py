@@ -56,6 +56,11 @@ CASES = {
     # the stride-1 grad_input run as a forward conv both implicit; groups.
     "implicit_cg48_dgrad": (2, 48, 16, 16, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     "implicit_cg16_g2": (2, 32, 8, 16, 80, 3, 3, (1, 1), (1, 1), (1, 1), 2),
+    # The same on the AVX-512 kernels' 32-lane slivers (Q = 64 and 32; the
+    # cases above with Q = 16 or 48 take im2col there): two slivers per row
+    # and Kg off the 14-row micro-tile; Cg >= 16 with its grad_input.
+    "implicit_q64_edge": (1, 5, 20, 64, 36, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "implicit_cg48_dgrad_q32": (2, 48, 8, 32, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1),
     # Several pixel tiles per image (C*R*S = 576 -> ~450-pixel tiles), tiles
     # that cut output rows, one image (tiles spread over threads) and more.
     "multi_tile_n1": (1, 64, 32, 30, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1),
@@ -257,7 +262,8 @@ def test_every_isa(isa):
                      "tiny_plane", "wgrad_pq1", "planes_7x7_groups", "via_nhwc_k40",
                      "via_nhwc_groups_s2", "via_nhwc_dil_5x3", "split_stem_odd",
                      "split_s3_dilated", "implicit_stem", "implicit_kblocks_groups",
-                     "implicit_n1_split", "implicit_cg48_dgrad"):
+                     "implicit_n1_split", "implicit_cg48_dgrad", "implicit_q64_edge",
+                     "implicit_cg48_dgrad_q32"):
             for layout in ("contiguous", "channels_last"):
                 x, w, b, args = make(CASES[name], torch.float32, layout, True)
                 y = ops.conv2d_forward(x, w, b, *args)

@@ -231,6 +231,32 @@ def test_linear_small_batch_transposed(isa, M, N, K):
     check(y2, x.double() @ w.double().t() + b.double() + 1.5, K)
 
 
+@pytest.mark.parametrize("c_major", ["row", "col"])
+@pytest.mark.parametrize("nt", [False, True])
+def test_gemm_core_writes_only_c(isa, c_major, nt):
+    """Every tile edge (M = 1..29 covers each partial row tile of MR = 4, 6
+    and 14; N around NR = 8, 16, 32), stored directly, transposed or through
+    the temporary tile, writes C and nothing around it: C is a view into a
+    NaN-filled buffer whose rest must stay NaN. nt: A and B rows contiguous
+    along K (the small-M swap that stores transposed tiles)."""
+    K = 7
+    for M in list(range(1, 16)) + [27, 28, 29]:
+        for N in (16, 32, 33, 64):
+            a = randn(M, K, dtype=torch.float32)
+            b = randn(N, K, dtype=torch.float32).t() if nt else randn(K, N, dtype=torch.float32)
+            big = torch.full((M + 3, N + 5) if c_major == "row" else (N + 5, M + 3), float("nan"))
+            c = big[1:M + 1, 2:N + 2] if c_major == "row" else big[2:N + 2, 1:M + 1].t()
+            bn = randn(N, dtype=torch.float32)
+            gemm_(a, b, c, False, None, bn)
+            check(c, a.double() @ b.double() + bn.double(), K)
+            outside = torch.ones_like(big, dtype=torch.bool)
+            if c_major == "row":
+                outside[1:M + 1, 2:N + 2] = False
+            else:
+                outside[2:N + 2, 1:M + 1] = False
+            assert big[outside].isnan().all(), f"M={M} N={N}: wrote outside C"
+
+
 def test_concurrent_calls(isa):
     # calls from several Python threads at once (thread-local packing buffers)
     x, w = randn(64, 80, dtype=torch.float32), randn(50, 80, dtype=torch.float32)

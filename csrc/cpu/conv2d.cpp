@@ -166,7 +166,7 @@ struct PackedWeight {
 //   k_off = c CS + ((r dH mod sH) sW + q dW mod sW) PS + (r dH div sH) U + q dW div sW
 // from output pixel (oh, ow)'s xs + (oh - oh0) U + ow, with U = Q + (S-1) dW div sW
 // columns per phase row, PS = rows U, CS = sH sW PS. Output rows run in
-// slivers of R lanes (16 on AVX2), so a row of Q pixels computes Q rounded
+// slivers of R lanes (16 on AVX2, 32 on AVX-512), so a row of Q pixels computes Q rounded
 // up to R; taken where that wastes at most 1/16 (Q a multiple of 16 below
 // 256), with a packed weight of at most kImplicitPackedAMax, else im2col.
 // In-process A/B against the im2col path, 2 threads, float, Q % 16 == 0:

@@ -98,7 +98,7 @@ void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* 
 // must be readable for every j below n rounded up to
 // gemm_packed_b_layout<T>().R (the lanes past n are dropped).
 // Runs on the calling thread. Only when gemm_implicit_b_available<T>(): the
-// active ISA's kernels read B so (AVX2 and the portable kernels, not AVX-512).
+// active ISA's kernels read B so (all of them: AVX-512, AVX2 and portable).
 template <typename T>
 struct ImplicitB {
   int64_t M = 0, n = 0, K = 0;
