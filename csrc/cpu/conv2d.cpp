@@ -137,17 +137,19 @@ template <typename T>
 struct PackedWeight {
   cpu::AlignedVector<T> buf;
   int64_t per = 0;  // elements per group
-  PackedWeight(const ConvShape& s, int64_t calls, bool as_a, bool transposed, const T* w) {
+  PackedWeight(const ConvShape& s, int64_t calls, bool as_a, bool transposed, const T* w,
+               cpu::Isa isa = cpu::active_isa()) {
     if (calls <= 1) return;
     const int64_t rowlen = s.CgRS();
     // W_g is [Kg, rowlen] row-major; W_g^T is [rowlen, Kg].
     const int64_t rows = transposed ? rowlen : s.Kg, cols = transposed ? s.Kg : rowlen;
     const int64_t rs = transposed ? 1 : rowlen, cs = transposed ? rowlen : 1;
-    per = as_a ? cpu::gemm_packed_a_size<T>(rows, cols) : cpu::gemm_packed_b_size<T>(rows, cols);
+    per = as_a ? cpu::gemm_packed_a_size<T>(rows, cols, isa)
+               : cpu::gemm_packed_b_size<T>(rows, cols);
     buf.resize(per * s.G);
     for (int64_t g = 0; g < s.G; ++g) {
       const T* wg = w + g * s.Kg * rowlen;
-      if (as_a) cpu::gemm_pack_a<T>(rows, cols, wg, rs, cs, buf.data() + g * per);
+      if (as_a) cpu::gemm_pack_a<T>(rows, cols, wg, rs, cs, buf.data() + g * per, isa);
       else cpu::gemm_pack_b<T>(rows, cols, wg, rs, cs, buf.data() + g * per);
     }
   }
@@ -166,9 +168,11 @@ struct PackedWeight {
 //   k_off = c CS + ((r dH mod sH) sW + q dW mod sW) PS + (r dH div sH) U + q dW div sW
 // from output pixel (oh, ow)'s xs + (oh - oh0) U + ow, with U = Q + (S-1) dW div sW
 // columns per phase row, PS = rows U, CS = sH sW PS. Output rows run in
-// slivers of R lanes (16 on AVX2, 32 on AVX-512), so a row of Q pixels computes Q rounded
-// up to R; taken where that wastes at most 1/16 (Q a multiple of 16 below
-// 256), with a packed weight of at most kImplicitPackedAMax, else im2col.
+// slivers of R lanes (16 on AVX2, 32 on AVX-512; an AVX-512 CPU runs the AVX2
+// kernels where 16 lanes fit Q better, gemm_implicit_path), so a row of Q
+// pixels computes Q rounded up to R; taken where that wastes at most 1/16
+// (Q a multiple of 16 below 256), with a packed weight of at most
+// kImplicitPackedAMax, else im2col.
 // In-process A/B against the im2col path, 2 threads, float, Q % 16 == 0:
 // 1.13-1.49x (16x3x224x224 k7s2p3 -> 64 1.26x, 16x3x32x32 k3p1 -> 64 1.22x,
 // 16x4x64x64 k5p2 -> 40 1.49x, 16x15x32x32 -> 64 1.21x); with partial
@@ -185,11 +189,13 @@ constexpr int64_t kImplicitPackedAMax = int64_t(1) << 18;
 
 template <typename T>
 bool implicit_ok(const ConvShape& s, bool cl) {
-  if (s.pointwise() || !cpu::gemm_implicit_b_available<T>()) return false;
+  if (s.pointwise()) return false;
   if (s.Cg >= 16 && (cl || s.Kg <= 32)) return false;  // see above
-  const int64_t R = cpu::gemm_packed_b_layout<T>().R, lanes = divup(s.Q, R) * R;
+  const cpu::ImplicitPath path = cpu::gemm_implicit_path<T>(s.Q);
+  const int64_t lanes = divup(s.Q, path.R) * path.R;
   return lanes * 16 <= s.Q * 17 &&
-         cpu::gemm_packed_a_size<T>(s.Kg, s.CgRS()) * int64_t(sizeof(T)) <= kImplicitPackedAMax;
+         cpu::gemm_packed_a_size<T>(s.Kg, s.CgRS(), path.isa) * int64_t(sizeof(T)) <=
+             kImplicitPackedAMax;
 }
 
 inline int64_t ceil_pos(int64_t a, int64_t b) { return a <= 0 ? 0 : divup(a, b); }
@@ -199,7 +205,8 @@ inline int64_t ceil_pos(int64_t a, int64_t b) { return a <= 0 ? 0 : divup(a, b);
 template <typename T>
 void forward_implicit(const ConvShape& s, bool cl, const T* x, const T* w, const T* b, T* y) {
   const int64_t Fr = (s.R - 1) * s.dH / s.sH, Fq = (s.S - 1) * s.dW / s.sW;
-  const int64_t U = s.Q + Fq, phases = s.sH * s.sW, lanes = cpu::gemm_packed_b_layout<T>().R;
+  const cpu::ImplicitPath path = cpu::gemm_implicit_path<T>(s.Q);
+  const int64_t U = s.Q + Fq, phases = s.sH * s.sW, lanes = path.R;
   // Output rows per block: the block within kImplicitBlockBytes, and at
   // least as many blocks as threads.
   const int64_t row_bytes = s.Cg * phases * U * int64_t(sizeof(T));
@@ -215,7 +222,7 @@ void forward_implicit(const ConvShape& s, bool cl, const T* x, const T* w, const
         koff[cl ? (r * s.S + q) * s.Cg + c : (c * s.R + r) * s.S + q] = c * CS +
             ((r * s.dH % s.sH) * s.sW + q * s.dW % s.sW) * PS + (r * s.dH / s.sH) * U +
             q * s.dW / s.sW;
-  const PackedWeight<T> wpk(s, 2, true, false, w);  // always packed (A of every call)
+  const PackedWeight<T> wpk(s, 2, true, false, w, path.isa);  // always packed (A of every call)
   const int64_t items = s.N * s.G * nrb;
   // Input element (c, ih, iw) of an image at c cs_c + ih rs_h + iw cs_w.
   const int64_t cs_c = cl ? 1 : s.HW(), rs_h = cl ? s.W * s.C : s.W, cs_w = cl ? s.C : 1;
@@ -258,6 +265,7 @@ void forward_implicit(const ConvShape& s, bool cl, const T* x, const T* w, const
       a.ldc = cl ? s.K : s.PQ();
       a.c_trans = cl;
       a.bias_m = b ? b + g * s.Kg : nullptr;
+      a.isa = path.isa;
       a.R = lanes;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         a.x = xs.data() + (oh - oh0) * U;

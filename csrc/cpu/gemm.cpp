@@ -320,8 +320,9 @@ void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool p
 // (Mr = M rounded up to MR), as gemm_block reads it.
 template <typename T>
 // s_mn / s_k: X's strides along M (or N) and along K.
-void pack_all(bool is_a, int64_t MN, int64_t K, const T* X, int64_t s_mn, int64_t s_k, T* dst) {
-  const KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+void pack_all(bool is_a, int64_t MN, int64_t K, const T* X, int64_t s_mn, int64_t s_k, T* dst,
+              Isa isa = active_isa()) {
+  const KernelSet<T> ks = kernels(isa, static_cast<T*>(nullptr));
   const int64_t R = is_a ? ks.MR : ks.NR, MNr = round_up(MN, R), KC = kc_for(ks.KC, K);
   const int64_t nslab = ceil_div(MN, R), nkb = ceil_div(K, KC);
   // Items: (K block, group of slivers) pairs, so a short K still splits.
@@ -509,8 +510,8 @@ void gemm(const GemmArgs<float>& a) { gemm_detail::gemm_impl(a); }
 void gemm(const GemmArgs<double>& a) { gemm_detail::gemm_impl(a); }
 
 template <typename T>
-int64_t gemm_packed_a_size(int64_t M, int64_t K) {
-  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+int64_t gemm_packed_a_size(int64_t M, int64_t K, Isa isa) {
+  const auto ks = gemm_detail::kernels(isa, static_cast<T*>(nullptr));
   return gemm_detail::round_up(M, ks.MR) * K;
 }
 template <typename T>
@@ -547,8 +548,16 @@ void gemm_transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* ds
         for (int64_t j = j0; j < std::min(cols, j0 + kB); ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 template <typename T>
-bool gemm_implicit_b_available() {
-  return gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr)).indirect_b != nullptr;
+ImplicitPath gemm_implicit_path(int64_t n) {
+  using gemm_detail::kernels;
+  using gemm_detail::round_up;
+  const Isa isa = active_isa();
+  const int64_t R = kernels(isa, static_cast<T*>(nullptr)).NR;
+  if (isa == Isa::Avx512) {
+    const int64_t R2 = kernels(Isa::Avx2, static_cast<T*>(nullptr)).NR;
+    if (round_up(n, R2) < round_up(n, R)) return {Isa::Avx2, R2};
+  }
+  return {isa, R};
 }
 // Per R-lane sliver of C's columns and per KC block of K, every MR-row tile
 // (accumulating in C, or in a temporary tile per row tile at the edges), so
@@ -557,9 +566,9 @@ bool gemm_implicit_b_available() {
 template <typename T>
 void gemm_implicit_b(const ImplicitB<T>& g) {
   using namespace gemm_detail;
-  KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
-  TORCH_CHECK(ks.indirect_b && g.R == ks.NR,
-              "fastlayers: the CPU kernel path changed during a convolution");
+  KernelSet<T> ks = kernels(g.isa, static_cast<T*>(nullptr));
+  TORCH_CHECK(ks.indirect_b && g.R == ks.NR, "fastlayers: implicit GEMM with R = ", g.R,
+              " on a kernel path with ", ks.NR, "-lane slivers");
   ks.KC = kc_for(ks.KC, g.K);  // the blocks gemm_pack_a packed A in
   const int MR = ks.MR, NR = ks.NR;
   const int64_t Mr = round_up(g.M, MR);
@@ -595,15 +604,15 @@ void gemm_implicit_b(const ImplicitB<T>& g) {
   }
 }
 template <typename T>
-void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst) {
-  gemm_detail::pack_all(true, M, K, A, rsA, csA, dst);
+void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst, Isa isa) {
+  gemm_detail::pack_all(true, M, K, A, rsA, csA, dst, isa);
 }
 template <typename T>
 void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* dst) {
   gemm_detail::pack_all(false, N, K, B, csB, rsB, dst);
 }
-template int64_t gemm_packed_a_size<float>(int64_t, int64_t);
-template int64_t gemm_packed_a_size<double>(int64_t, int64_t);
+template int64_t gemm_packed_a_size<float>(int64_t, int64_t, Isa);
+template int64_t gemm_packed_a_size<double>(int64_t, int64_t, Isa);
 template int64_t gemm_packed_b_size<float>(int64_t, int64_t);
 template int64_t gemm_packed_b_size<double>(int64_t, int64_t);
 template PackedBLayout gemm_packed_b_layout<float>(int64_t);
@@ -614,12 +623,12 @@ template void gemm_fill_b_row<double>(const SliverFill*, int64_t, const double*,
                                       double*, int64_t, int64_t);
 template void gemm_transpose<float>(int64_t, int64_t, const float*, int64_t, float*, int64_t);
 template void gemm_transpose<double>(int64_t, int64_t, const double*, int64_t, double*, int64_t);
-template bool gemm_implicit_b_available<float>();
-template bool gemm_implicit_b_available<double>();
+template ImplicitPath gemm_implicit_path<float>(int64_t);
+template ImplicitPath gemm_implicit_path<double>(int64_t);
 template void gemm_implicit_b<float>(const ImplicitB<float>&);
 template void gemm_implicit_b<double>(const ImplicitB<double>&);
-template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
-template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
+template void gemm_pack_a<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*, Isa);
+template void gemm_pack_a<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*, Isa);
 template void gemm_pack_b<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 template void gemm_pack_b<double>(int64_t, int64_t, const double*, int64_t, int64_t, double*);
 

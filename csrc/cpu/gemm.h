@@ -13,6 +13,8 @@
 #include <new>
 #include <vector>
 
+#include "isa.h"
+
 namespace fastlayers::cpu {
 
 // Workspace memory (defined in alloc.cpp): 64-byte aligned; blocks of 64 KiB
@@ -82,9 +84,10 @@ void gemm_transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* ds
 // and pixel tiles): packed once per op instead of once per GEMM call.
 // *_size: elements of the packed buffer; the pack functions parallelise.
 template <typename T>
-int64_t gemm_packed_a_size(int64_t M, int64_t K);
+int64_t gemm_packed_a_size(int64_t M, int64_t K, Isa isa = active_isa());
 template <typename T>
-void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst);
+void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst,
+                 Isa isa = active_isa());
 template <typename T>
 int64_t gemm_packed_b_size(int64_t K, int64_t N);
 template <typename T>
@@ -96,9 +99,9 @@ void gemm_pack_b(int64_t K, int64_t N, const T* B, int64_t rsB, int64_t csB, T* 
 // for i < M, j < n (C[i + j * ldc] with c_trans), with A packed by
 // gemm_pack_a (M x K). The kernels read B in whole slivers: x[k_off[k] + j]
 // must be readable for every j below n rounded up to
-// gemm_packed_b_layout<T>().R (the lanes past n are dropped).
-// Runs on the calling thread. Only when gemm_implicit_b_available<T>(): the
-// active ISA's kernels read B so (all of them: AVX-512, AVX2 and portable).
+// the path's R (the lanes past n are dropped).
+// Runs on the calling thread, on the kernel path gemm_implicit_path chose
+// (A packed by gemm_pack_a for that path).
 template <typename T>
 struct ImplicitB {
   int64_t M = 0, n = 0, K = 0;
@@ -109,10 +112,19 @@ struct ImplicitB {
   int64_t ldc = 0;
   bool c_trans = false;
   const T* bias_m = nullptr;
-  int64_t R = 0;  // gemm_packed_b_layout<T>().R as the caller read it (checked)
+  Isa isa = Isa::Scalar;  // the path (gemm_implicit_path) and its sliver width
+  int64_t R = 0;
+};
+// The kernel path an implicit GEMM over rows of n pixels runs on, and its
+// sliver width R: the active path's, except that on AVX-512 (R = 32) rows
+// that 16-lane slivers cover with less waste (n = 16, 48, 112, ...) take
+// the AVX2 kernels (R = 16), which every AVX-512 CPU runs.
+struct ImplicitPath {
+  Isa isa;
+  int64_t R;
 };
 template <typename T>
-bool gemm_implicit_b_available();
+ImplicitPath gemm_implicit_path(int64_t n);
 template <typename T>
 void gemm_implicit_b(const ImplicitB<T>& g);
 
