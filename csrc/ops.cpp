@@ -109,6 +109,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "fastlayers native kernels";
   mod.def("isa", [] { return fastlayers::cpu::isa_name(fastlayers::cpu::active_isa()); },
           "The CPU kernel path in use: 'avx512', 'avx2' or 'scalar'.");
+  mod.def("gemm_isa", [] { return fastlayers::cpu::isa_name(fastlayers::cpu::gemm_isa()); },
+          "The path the GEMM kernels (Linear, Conv2d) run on: the active one, or 'avx2'\n"
+          "where 'avx512' was chosen automatically on a CPU with 256-bit FMA units (Zen 4).");
   mod.def("set_isa", [](const std::string& name) {
             return fastlayers::cpu::isa_name(fastlayers::cpu::set_isa(name));
           }, "Force a CPU kernel path; raises if the CPU lacks it.");

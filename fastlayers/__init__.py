@@ -47,6 +47,7 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "cuda_kernels": bool(_C.with_cuda()),
         "cpu_isa": _C.isa(),
+        "cpu_gemm_isa": _C.gemm_isa(),
         "cpu_isas_supported": list(_C.supported_isas()),
         "threads": torch.get_num_threads(),
     }

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import fastlayers
+from helpers import DEFAULT_ISA
 
 ISAS = fastlayers._C.supported_isas()
 
@@ -11,7 +12,7 @@ def isa(request):
     """Run the test once per CPU kernel path this machine supports."""
     fastlayers.set_isa(request.param)
     yield request.param
-    fastlayers.set_isa("auto")
+    fastlayers.set_isa(DEFAULT_ISA)
 
 
 @pytest.fixture(autouse=True)

@@ -75,3 +75,8 @@ def bn_params(C, dtype, device):
     rm = torch.randn(C, device=device).to(pdt)
     rv = (torch.rand(C, device=device) + 0.5).to(pdt)
     return w, b, rm, rv
+
+
+# The CPU kernel path a run started with (restored after tests that switch
+# paths, so FASTLAYERS_ISA=avx2 pytest keeps running AVX2 between them).
+DEFAULT_ISA = __import__("os").environ.get("FASTLAYERS_ISA") or "auto"

@@ -7,7 +7,7 @@ import torch
 
 import fastlayers
 import fastlayers.nn as fnn
-from helpers import assert_close
+from helpers import DEFAULT_ISA, assert_close
 
 LAYERS = [
     (fastlayers.Linear, torch.nn.Linear, (6, 4), (3, 6)),
@@ -345,6 +345,36 @@ def test_build_info():
     info = fastlayers.build_info()
     assert info["cpu_isa"] in info["cpu_isas_supported"]
     assert isinstance(info["cuda_kernels"], bool)
+
+
+def _amd_family():
+    """The CPU's AMD family from /proc/cpuinfo, or None (not AMD / unreadable)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    if "AuthenticAMD" not in text:
+        return None
+    for line in text.splitlines():
+        if line.startswith("cpu family"):
+            return int(line.split(":")[1])
+    return None
+
+
+def test_gemm_isa():
+    """The GEMM runs the active path, except AVX2 under an automatic AVX-512
+    choice on AMD family 25 (Zen 4); forcing a path forces the GEMM's too."""
+    try:
+        for name in fastlayers._C.supported_isas():
+            fastlayers.set_isa(name)
+            assert fastlayers._C.gemm_isa() == name
+        fastlayers.set_isa("auto")
+        auto = fastlayers.isa()
+        split = auto == "avx512" and _amd_family() == 25
+        assert fastlayers._C.gemm_isa() == ("avx2" if split else auto)
+        assert fastlayers.build_info()["cpu_gemm_isa"] == fastlayers._C.gemm_isa()
+    finally:
+        fastlayers.set_isa(DEFAULT_ISA)
 
 
 def _setup_function(name):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers  # noqa: F401  (registers torch.ops.fastlayers.*)
+from helpers import DEFAULT_ISA
 
 ops = torch.ops.fastlayers
 CL = torch.channels_last
@@ -253,7 +254,6 @@ def test_thread_counts(name, threads):
 
 @pytest.mark.parametrize("isa", fastlayers._C.supported_isas())
 def test_every_isa(isa):
-    old = fastlayers._C.isa()
     fastlayers._C.set_isa(isa)
     try:
         for name in ("3x3p1", "pointwise", "groups2", "depthwise", "sliver_rows",
@@ -274,7 +274,7 @@ def test_every_isa(isa):
                 for a, r, what in zip(got, ref, ("gi", "gw", "gb")):
                     assert_close(a, r, torch.float32, what)
     finally:
-        fastlayers._C.set_isa(old)
+        fastlayers._C.set_isa(DEFAULT_ISA)
 
 
 def test_larger_float32_against_torch_float32():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastlayers
+from helpers import DEFAULT_ISA
 
 ops = torch.ops.fastlayers
 gemm_ = torch.ops.fastlayers_internal.gemm_
@@ -20,7 +21,7 @@ DTYPES = [torch.float32, torch.float64]
 def isa(request):
     fastlayers._C.set_isa(request.param)
     yield request.param
-    fastlayers._C.set_isa("auto")
+    fastlayers._C.set_isa(DEFAULT_ISA)
 
 
 def tol(dtype, k):

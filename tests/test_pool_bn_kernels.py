@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers  # noqa: F401  (registers the ops)
+from helpers import DEFAULT_ISA
 
 ops = torch.ops.fastlayers
 ISAS = fastlayers._C.supported_isas()
@@ -21,7 +22,7 @@ DTYPES = [torch.float32, torch.float64]
 def isa(request):
     fastlayers._C.set_isa(request.param)
     yield request.param
-    fastlayers._C.set_isa("auto")
+    fastlayers._C.set_isa(DEFAULT_ISA)
 
 
 def _pair(v):
@@ -150,7 +151,7 @@ def test_pool_empty_window():
         gi = ops.max_pool2d_backward(torch.ones_like(y), off, list(x.shape), [2, 2], [1, 1],
                                      [1, 1], [2, 2], False)
         assert torch.equal(gi, torch.zeros_like(x))
-    fastlayers._C.set_isa("auto")
+    fastlayers._C.set_isa(DEFAULT_ISA)
 
 
 def test_pool_garbage_offsets_are_ignored():

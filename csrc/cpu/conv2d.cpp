@@ -138,7 +138,7 @@ struct PackedWeight {
   cpu::AlignedVector<T> buf;
   int64_t per = 0;  // elements per group
   PackedWeight(const ConvShape& s, int64_t calls, bool as_a, bool transposed, const T* w,
-               cpu::Isa isa = cpu::active_isa()) {
+               cpu::Isa isa = cpu::gemm_isa()) {
     if (calls <= 1) return;
     const int64_t rowlen = s.CgRS();
     // W_g is [Kg, rowlen] row-major; W_g^T is [rowlen, Kg].

@@ -13,7 +13,7 @@
 // tm x tn grid of C blocks; each thread runs the loops above on its block with
 // its own (thread-local) packing buffers.
 // Micro-kernels: AVX2 / AVX-512 (gemm_kernels_*.cpp) or the portable one below,
-// chosen by active_isa() at every call.
+// chosen by gemm_isa() at every call (isa.h).
 #include "gemm.h"
 
 #include <ATen/ATen.h>
@@ -321,7 +321,7 @@ void gemm_block(const GemmArgs<T>& g, const KernelSet<T>& ks, bool packA, bool p
 template <typename T>
 // s_mn / s_k: X's strides along M (or N) and along K.
 void pack_all(bool is_a, int64_t MN, int64_t K, const T* X, int64_t s_mn, int64_t s_k, T* dst,
-              Isa isa = active_isa()) {
+              Isa isa = gemm_isa()) {
   const KernelSet<T> ks = kernels(isa, static_cast<T*>(nullptr));
   const int64_t R = is_a ? ks.MR : ks.NR, MNr = round_up(MN, R), KC = kc_for(ks.KC, K);
   const int64_t nslab = ceil_div(MN, R), nkb = ceil_div(K, KC);
@@ -392,7 +392,7 @@ void gemm_impl(GemmArgs<T> g) {
   // K == 1 (the grad_weight of a batch-1 Linear): a rank-1 update, written
   // row by row. Through the micro-kernels it would be all epilogue.
   if (g.K == 1 && !prepacked && g.csC == 1 && !g.bias_m && !g.bias_n) return gemm_rank1(g);
-  KernelSet<T> ks = kernels(active_isa(), static_cast<T*>(nullptr));
+  KernelSet<T> ks = kernels(gemm_isa(), static_cast<T*>(nullptr));
   ks.KC = kc_for(ks.KC, g.K);
   const int64_t MR = ks.MR, NR = ks.NR;
 
@@ -516,18 +516,18 @@ int64_t gemm_packed_a_size(int64_t M, int64_t K, Isa isa) {
 }
 template <typename T>
 int64_t gemm_packed_b_size(int64_t K, int64_t N) {
-  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  const auto ks = gemm_detail::kernels(gemm_isa(), static_cast<T*>(nullptr));
   return gemm_detail::round_up(N, ks.NR) * K;
 }
 template <typename T>
 PackedBLayout gemm_packed_b_layout(int64_t K) {
-  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  const auto ks = gemm_detail::kernels(gemm_isa(), static_cast<T*>(nullptr));
   return {gemm_detail::kc_for(ks.KC, K), ks.NR};
 }
 template <typename T>
 void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, T* row,
                      int64_t sl, int64_t R) {
-  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  const auto ks = gemm_detail::kernels(gemm_isa(), static_cast<T*>(nullptr));
   TORCH_CHECK(R == ks.NR, "fastlayers: the CPU kernel path changed during a convolution");
   if (ks.fill_b_row) return ks.fill_b_row(f, n, x, limit, row, sl, ks.NR);
   for (int64_t i = 0; i < n; ++i) {  // the reference the vector kernels match
@@ -539,7 +539,7 @@ void gemm_fill_b_row(const SliverFill* f, int64_t n, const T* x, int64_t limit, 
 }
 template <typename T>
 void gemm_transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
-  const auto ks = gemm_detail::kernels(active_isa(), static_cast<T*>(nullptr));
+  const auto ks = gemm_detail::kernels(gemm_isa(), static_cast<T*>(nullptr));
   if (ks.transpose) return ks.transpose(rows, cols, src, lds, dst, ldd);
   constexpr int64_t kB = 32;  // the reference: 32 x 32 blocks
   for (int64_t i0 = 0; i0 < rows; i0 += kB)
@@ -551,7 +551,7 @@ template <typename T>
 ImplicitPath gemm_implicit_path(int64_t n) {
   using gemm_detail::kernels;
   using gemm_detail::round_up;
-  const Isa isa = active_isa();
+  const Isa isa = gemm_isa();
   const int64_t R = kernels(isa, static_cast<T*>(nullptr)).NR;
   if (isa == Isa::Avx512) {
     const int64_t R2 = kernels(Isa::Avx2, static_cast<T*>(nullptr)).NR;

@@ -84,10 +84,10 @@ void gemm_transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* ds
 // and pixel tiles): packed once per op instead of once per GEMM call.
 // *_size: elements of the packed buffer; the pack functions parallelise.
 template <typename T>
-int64_t gemm_packed_a_size(int64_t M, int64_t K, Isa isa = active_isa());
+int64_t gemm_packed_a_size(int64_t M, int64_t K, Isa isa = gemm_isa());
 template <typename T>
 void gemm_pack_a(int64_t M, int64_t K, const T* A, int64_t rsA, int64_t csA, T* dst,
-                 Isa isa = active_isa());
+                 Isa isa = gemm_isa());
 template <typename T>
 int64_t gemm_packed_b_size(int64_t K, int64_t N);
 template <typename T>
