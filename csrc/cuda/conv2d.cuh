@@ -7,8 +7,8 @@
 //            (gather form: gy[n,k,p,q] with p = (h + pad - r*dil) / stride when exact)
 //   wgrad    gw[k,c,r,s]  : M = K/G (k),    N = C/G*R*S,        red = N*P*Q; the long
 //            reduction is split over blocks and summed in a fixed order (deterministic).
-// The launchers are in conv2d.cu, conv2d_dgrad.cu and conv2d_wgrad.cu (one file
-// each so that they compile in parallel).
+// The launchers are in conv2d.cu, conv2d_dgrad.cu (+ conv2d_dgrad_f16/bf16.cu) and
+// conv2d_wgrad.cu (files of their own so that they compile in parallel).
 #pragma once
 #include <type_traits>
 
@@ -295,5 +295,23 @@ struct ConvWgrad {
     return cc * G.ws[1] + r * G.ws[2] + s * G.ws[3];
   }
 };
+
+// The input gradient for element type T. conv2d_dgrad.cu runs it; the half and bfloat16
+// instantiations (whose tensor-core kernels take ptxas longest) are made in
+// conv2d_dgrad_f16.cu and conv2d_dgrad_bf16.cu, so that nvcc compiles them in parallel.
+template <typename T>
+int run_conv2d_dgrad(const ConvDesc& d, DType dt, const void* gy, const void* w, void* gx,
+                     void* workspace, cudaStream_t stream) {
+  const bool unit = d.stride_h == 1 && d.stride_w == 1;
+  if constexpr (std::is_same_v<T, float>)
+    if (unit && conv_index32(d))
+      return run_gemm(ConvDgradT<T, true, int32_t>(d, gy, w, gx), d.groups, dt, workspace, stream);
+  if (unit)
+    return run_gemm(ConvDgradT<T, true>(d, gy, w, gx), d.groups, dt, workspace, stream);
+  return run_gemm(ConvDgradT<T, false>(d, gy, w, gx), d.groups, dt, workspace, stream);
+}
+#define FL_CONV_DGRAD_INSTANCE(T)                                                         \
+  int run_conv2d_dgrad<T>(const ConvDesc&, DType, const void*, const void*, void*, void*, \
+                          cudaStream_t)
 
 }  // namespace fastlayers::cuda

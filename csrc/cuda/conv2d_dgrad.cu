@@ -1,8 +1,12 @@
 // Conv2d input gradient as implicit GEMM (index map ConvDgradT in conv2d.cuh; the unit-stride
-// case splits the grad_output offsets like the forward input gather).
+// case splits the grad_output offsets like the forward input gather). The half and
+// bfloat16 instances are compiled in conv2d_dgrad_f16.cu and conv2d_dgrad_bf16.cu.
 #include "conv2d.cuh"
 
 namespace fastlayers::cuda {
+
+extern template FL_CONV_DGRAD_INSTANCE(__half);
+extern template FL_CONV_DGRAD_INSTANCE(__nv_bfloat16);
 
 int64_t conv2d_dgrad_workspace_bytes(const ConvDesc& d, DType dt) {
   if (d.groups <= 0) return 0;
@@ -14,14 +18,7 @@ int64_t conv2d_dgrad_workspace_bytes(const ConvDesc& d, DType dt) {
 int conv2d_dgrad(const ConvDesc& d, DType dt, const void* gy, const void* w, void* gx,
                  void* workspace, cudaStream_t stream) {
   return dispatch_dtype(dt, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const bool unit = d.stride_h == 1 && d.stride_w == 1;
-    if constexpr (std::is_same_v<T, float>)
-      if (unit && conv_index32(d))
-        return run_gemm(ConvDgradT<T, true, int32_t>(d, gy, w, gx), d.groups, dt, workspace, stream);
-    if (unit)
-      return run_gemm(ConvDgradT<T, true>(d, gy, w, gx), d.groups, dt, workspace, stream);
-    return run_gemm(ConvDgradT<T, false>(d, gy, w, gx), d.groups, dt, workspace, stream);
+    return run_conv2d_dgrad<typename decltype(tag)::type>(d, dt, gy, w, gx, workspace, stream);
   });
 }
 
