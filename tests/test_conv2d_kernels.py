@@ -25,6 +25,13 @@ CASES = {
     "depthwise": (2, 5, 9, 8, 5, 3, 3, (1, 1), (1, 1), (1, 1), 5),
     "depthwise_s2_d2": (2, 4, 13, 12, 4, 3, 3, (2, 2), (2, 2), (2, 2), 4),
     "depthwise_mult3": (2, 3, 8, 7, 9, 3, 3, (1, 1), (1, 1), (1, 1), 3),
+    # Depthwise grad_weight takes up to 12 taps per pass (3 filter rows of <= 4 taps,
+    # 2 of 5-6, 1 of 7-8, in 8-tap column blocks): filter heights that leave 1 or 2
+    # rows over, 5-tap rows, and 10-tap rows (two column blocks), dilated.
+    "depthwise_r5s3": (2, 4, 11, 12, 4, 5, 3, (1, 1), (2, 1), (1, 1), 4),
+    "depthwise_r4s5_mult2": (2, 3, 10, 13, 6, 4, 5, (1, 1), (1, 2), (1, 1), 3),
+    "depthwise_r2s10_d2": (2, 2, 9, 30, 2, 2, 10, (1, 1), (1, 4), (2, 2), 2),
+    "depthwise_7x7": (1, 3, 12, 13, 3, 7, 7, (1, 1), (3, 3), (1, 1), 3),
     "cin1_lenet": (3, 1, 12, 12, 6, 5, 5, (1, 1), (0, 0), (1, 1), 1),
     "cin1_strided": (2, 1, 11, 13, 4, 3, 5, (2, 3), (1, 2), (1, 1), 1),
     "pointwise": (2, 8, 5, 7, 6, 1, 1, (1, 1), (0, 0), (1, 1), 1),

@@ -208,45 +208,61 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
-// Filter taps q0 .. q0+NQ-1 of filter row r:
+// Filter taps q0 .. q0+NQ-1 of filter rows r0 .. r0+NR-1:
 //   df[r*S + q] += sum over oh, ow of dy[oh][ow] * buf[oh*sH + r*dH][ow + q*dW].
-template <int NQ>
-inline void wgrad_taps(const PlaneConv& g, const float* buf, const float* dy, int64_t r,
+// NR * NQ accumulators (at most 12): each dy load serves them all, and that many
+// independent FMA chains keep both FMA pipes busy (3 chains left them waiting on
+// the FMA latency). Each sum runs in the order it had with one row per pass.
+template <int NR, int NQ>
+inline void wgrad_taps(const PlaneConv& g, const float* buf, const float* dy, int64_t r0,
                        int64_t q0, double* df) {
-  __m256 acc[NQ];
-  for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_ps();
-  const int64_t nfull = g.Q / 8, rem = g.Q % 8;
+  __m256 acc[NR][NQ];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NQ; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t nfull = g.Q / 8, rem = g.Q % 8, rstep = g.dH * g.bcols;
   const __m256i m = tail_mask(rem == 0 ? 8 : rem);
   for (int64_t oh = 0; oh < g.P; ++oh) {
     const float* d = dy + oh * g.Q;
-    const float* row = buf + (oh * g.sH + r * g.dH) * g.bcols + q0 * g.dW;
+    const float* row = buf + (oh * g.sH + r0 * g.dH) * g.bcols + q0 * g.dW;
     for (int64_t v = 0; v < nfull; ++v) {
       const __m256 dv = _mm256_loadu_ps(d + 8 * v);
-      for (int j = 0; j < NQ; ++j)
-        acc[j] = _mm256_fmadd_ps(dv, _mm256_loadu_ps(row + 8 * v + j * g.dW), acc[j]);
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < NQ; ++j)
+          acc[i][j] = _mm256_fmadd_ps(dv, _mm256_loadu_ps(row + i * rstep + 8 * v + j * g.dW), acc[i][j]);
     }
     if (rem) {
       const __m256 dv = _mm256_maskload_ps(d + 8 * nfull, m);  // zero past Q
-      for (int j = 0; j < NQ; ++j)
-        acc[j] = _mm256_fmadd_ps(dv, _mm256_loadu_ps(row + 8 * nfull + j * g.dW), acc[j]);
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < NQ; ++j)
+          acc[i][j] = _mm256_fmadd_ps(dv, _mm256_loadu_ps(row + i * rstep + 8 * nfull + j * g.dW), acc[i][j]);
     }
   }
-  for (int j = 0; j < NQ; ++j) df[r * g.S + q0 + j] += double(hsum(acc[j]));
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NQ; ++j) df[(r0 + i) * g.S + q0 + j] += double(hsum(acc[i][j]));
+}
+
+// Every filter row for taps q0 .. q0+NQ-1: as many rows per pass as 12 accumulators allow.
+template <int NQ>
+void wgrad_rows(const PlaneConv& g, const float* buf, const float* dy, int64_t q0, double* df) {
+  constexpr int NR = NQ <= 4 ? 3 : NQ <= 6 ? 2 : 1;
+  int64_t r = 0;
+  for (; r + NR <= g.R; r += NR) wgrad_taps<NR, NQ>(g, buf, dy, r, q0, df);
+  if constexpr (NR == 3)
+    if (g.R - r == 2) { wgrad_taps<2, NQ>(g, buf, dy, r, q0, df); r += 2; }
+  if (r < g.R) wgrad_taps<1, NQ>(g, buf, dy, r, q0, df);
 }
 
 void wgrad_plane_avx2(const PlaneConv& g, const float* buf, const float* dy, double* df) {
-  for (int64_t r = 0; r < g.R; ++r) {
-    for (int64_t q0 = 0; q0 < g.S; q0 += 8) {
-      switch (std::min<int64_t>(8, g.S - q0)) {
-        case 1: wgrad_taps<1>(g, buf, dy, r, q0, df); break;
-        case 2: wgrad_taps<2>(g, buf, dy, r, q0, df); break;
-        case 3: wgrad_taps<3>(g, buf, dy, r, q0, df); break;
-        case 4: wgrad_taps<4>(g, buf, dy, r, q0, df); break;
-        case 5: wgrad_taps<5>(g, buf, dy, r, q0, df); break;
-        case 6: wgrad_taps<6>(g, buf, dy, r, q0, df); break;
-        case 7: wgrad_taps<7>(g, buf, dy, r, q0, df); break;
-        default: wgrad_taps<8>(g, buf, dy, r, q0, df); break;
-      }
+  for (int64_t q0 = 0; q0 < g.S; q0 += 8) {
+    switch (std::min<int64_t>(8, g.S - q0)) {
+      case 1: wgrad_rows<1>(g, buf, dy, q0, df); break;
+      case 2: wgrad_rows<2>(g, buf, dy, q0, df); break;
+      case 3: wgrad_rows<3>(g, buf, dy, q0, df); break;
+      case 4: wgrad_rows<4>(g, buf, dy, q0, df); break;
+      case 5: wgrad_rows<5>(g, buf, dy, q0, df); break;
+      case 6: wgrad_rows<6>(g, buf, dy, q0, df); break;
+      case 7: wgrad_rows<7>(g, buf, dy, q0, df); break;
+      default: wgrad_rows<8>(g, buf, dy, q0, df); break;
     }
   }
 }
