@@ -64,10 +64,29 @@ def _int_tuple(name, value, n=2, allow_empty=False) -> List[int]:
     return [int(v) for v in value]
 
 
+def _autocast(input, weight, bias):
+    """torch.autocast's rule for linear and conv2d: inside an autocast region of the
+    input's device type, floating tensors other than float64 are cast to the region's
+    dtype (torch.get_autocast_dtype), so the layer computes and returns that dtype. Our
+    ops are not in autocast's lists, so the layers apply the rule themselves. (On the
+    CPU, float16 / bfloat16 are computed by the float32 kernels; the output is rounded.)"""
+    dev = input.device.type
+    if not torch.is_autocast_enabled(dev):
+        return input, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype in (dt, torch.float64):
+            return t
+        return t.to(dt)
+    return cast(input), cast(weight), cast(bias)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     _check_tensor("input", input)
     _check_tensor("weight", weight)
     _check_tensor("bias", bias, optional=True)
+    input, weight, bias = _autocast(input, weight, bias)
     if input.dim() == 0:
         raise RuntimeError("fastlayers.linear: input must have at least 1 dimension, got a scalar")
     if weight.dim() == 1:  # F.linear allows a 1-D weight: out = input @ weight
@@ -107,6 +126,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     _check_tensor("input", input)
     _check_tensor("weight", weight)
     _check_tensor("bias", bias, optional=True)
+    input, weight, bias = _autocast(input, weight, bias)
     stride = _int_tuple("stride", stride)
     dilation = _int_tuple("dilation", dilation)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):

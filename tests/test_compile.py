@@ -38,6 +38,25 @@ def test_compile_fullgraph_matches_eager(train):
         assert_close(b, a, msg=n)
 
 
+def test_compile_under_autocast():
+    """bfloat16 autocast inside the compiled graph (our layers apply autocast's rule
+    themselves: torch.is_autocast_enabled is traced, no graph break)."""
+    torch._dynamo.reset()
+    eager, comp = Net(), Net()
+    comp.load_state_dict(eager.state_dict())
+    compiled = torch.compile(comp, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ye, yc = eager(x), compiled(x)
+    assert ye.dtype == yc.dtype == torch.bfloat16
+    assert torch.equal(ye, yc)
+    ye.float().sum().backward()
+    yc.float().sum().backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), comp.named_parameters()):
+        assert a.grad.dtype == torch.float32, n
+        assert_close(b.grad, a.grad, rtol=1e-2, atol=1e-2, msg=n)
+
+
 def test_compile_inductor_forward():
     torch._dynamo.reset()
     m = Net().eval()

@@ -44,6 +44,25 @@ def _cases():
     yield "batch_norm_backward", (t(4, c, 5, 5), t(4, c, 5, 5), t(c), mean, invstd, True, m)
     yield "batch_norm_backward", (t(4, c, 5, 5), t(4, c, 5, 5), None, mean, invstd, False,
                                   [True, False, False])
+    # bfloat16 / float16 on the CPU (computed in float32): the fake kernels' dtypes
+    # (activations in the input's dtype, BatchNorm statistics in float32).
+    b16, f16 = torch.bfloat16, torch.float16
+    yield "linear_forward", (t(5, 7, dtype=b16), t(3, 7, dtype=b16), t(3, dtype=b16))
+    yield "linear_backward", (t(5, 3, dtype=f16), t(5, 7, dtype=f16), t(3, 7, dtype=f16), m)
+    yield "conv2d_forward", (t(2, 4, 7, 6, cl=True, dtype=b16), t(6, 2, 3, 3, dtype=b16), None, *conv)
+    yield "conv2d_backward", (t(2, 6, 7, 2, dtype=b16), t(2, 4, 7, 6, dtype=b16),
+                              t(6, 2, 3, 3, dtype=b16), *conv, m)
+    xb = t(2, 3, 9, 8, dtype=b16)
+    _, offb = ops.max_pool2d_forward(xb, *pool, False)
+    yield "max_pool2d_forward", (xb, *pool, False)
+    yield "max_pool2d", (t(2, 3, 9, 20, dtype=f16), *pool, False)
+    yield "max_pool2d_backward", (t(2, 3, 5, 4, dtype=b16), offb, [2, 3, 9, 8], *pool, False)
+    yield "batch_norm_train", (t(4, c, 5, 5, dtype=b16), t(c), t(c), torch.zeros(c), torch.ones(c),
+                               0.1, 1e-5)
+    yield "batch_norm_eval", (t(4, c, 5, 5, dtype=f16), t(c, dtype=f16), t(c, dtype=f16),
+                              torch.zeros(c, dtype=f16), torch.ones(c, dtype=f16), 1e-5)
+    yield "batch_norm_backward", (t(4, c, 5, 5, dtype=b16), t(4, c, 5, 5, dtype=b16), t(c), mean,
+                                  invstd, True, m)
 
 
 CASES = list(_cases())

@@ -204,6 +204,27 @@ void check_input(const at::Tensor& input, const char* op) {
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// float16 / bfloat16 input (computed in float32, common.h): the per-channel tensors
+// have the input's dtype or float32 (torch's mixed BatchNorm), all the same one.
+// Returns that dtype.
+at::ScalarType check_reduced_params(const at::Tensor& input,
+                                    std::initializer_list<std::pair<const char*, const at::Tensor*>> ps,
+                                    const char* op) {
+  std::optional<at::ScalarType> pst;
+  for (const auto& [name, t] : ps) {
+    if (t == nullptr || !t->defined()) continue;
+    const at::ScalarType st = t->scalar_type();
+    TORCH_CHECK(st == input.scalar_type() || st == at::kFloat, "fastlayers.", op, ": ", name,
+                " has dtype ", st, "; expected ", input.scalar_type(), " or float32");
+    TORCH_CHECK(!pst || *pst == st, "fastlayers.", op, ": ", name, " has dtype ", st,
+                " but another per-channel tensor has dtype ", *pst);
+    pst = st;
+  }
+  return pst.value_or(input.scalar_type());
+}
+
+const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
 template <typename T>
 std::vector<double> to_double(const std::optional<at::Tensor>& t, int64_t C, double dflt) {
   std::vector<double> v(C, dflt);
@@ -349,6 +370,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, double momentum, double eps) {
   const char* op = "batch_norm";
+  if (is_reduced(input)) {
+    check_reduced_params(input, {{"weight", ptr(weight)}, {"bias", ptr(bias)},
+                                 {"running_mean", ptr(running_mean)}, {"running_var", ptr(running_var)}}, op);
+    const std::optional<at::Tensor> rm = widen(running_mean), rv = widen(running_var);
+    auto [y, mean, invstd] = fastlayers::batch_norm_train(widen(input), widen(weight), widen(bias), rm, rv,
+                                              momentum, eps);
+    if (is_reduced(running_mean)) running_mean->copy_(*rm);  // the buffers are updated in place
+    if (is_reduced(running_var)) running_var->copy_(*rv);
+    return {round_to(y, input.scalar_type()), mean, invstd};  // statistics stay float32
+  }
   check_input(input, op);
   const int64_t C = input.size(1);
   check_param(weight, input, C, op, "weight");
@@ -460,6 +491,13 @@ at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tens
                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                            const at::Tensor& running_var, double eps) {
   const char* op = "batch_norm_eval";
+  if (is_reduced(input)) {
+    check_reduced_params(input, {{"weight", ptr(weight)}, {"bias", ptr(bias)},
+                                 {"running_mean", &running_mean}, {"running_var", &running_var}}, op);
+    return round_to(fastlayers::batch_norm_eval(widen(input), widen(weight), widen(bias), widen(running_mean),
+                                    widen(running_var), eps),
+                    input.scalar_type());
+  }
   check_input(input, op);
   const int64_t C = input.size(1);
   check_param(weight, input, C, op, "weight");
@@ -485,6 +523,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& mean_t, const at::Tensor& invstd_t, bool training,
     std::array<bool, 3> mask) {
   const char* op = "batch_norm_backward";
+  if (is_reduced(input) || is_reduced(grad_output)) {
+    check_same(input, grad_output, op, "input", "grad_output");
+    const at::ScalarType pst = check_reduced_params(input, {{"weight", ptr(weight)}}, op);
+    check_reduced_params(input, {{"mean", &mean_t}, {"invstd", &invstd_t}}, op);
+    auto [gi, gw, gb] = fastlayers::batch_norm_backward(widen(grad_output), widen(input), widen(weight),
+                                            widen(mean_t), widen(invstd_t), training, mask);
+    const at::ScalarType st = input.scalar_type();  // (placeholders: the input's dtype)
+    return {round_to(gi, st), round_to(gw, mask[1] ? pst : st), round_to(gb, mask[2] ? pst : st)};
+  }
   check_input(input, op);
   check_same(input, grad_output, op, "input", "grad_output");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "fastlayers.", op, ": grad_output shape ",

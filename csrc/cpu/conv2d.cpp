@@ -766,6 +766,13 @@ bool use_channels_last(const at::Tensor& input, const at::Tensor& weight) {
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  if (is_reduced(input) || is_reduced(weight) || is_reduced(bias)) {  // in float32 (common.h)
+    check_same(input, weight, "conv2d", "input", "weight");
+    if (bias.has_value() && bias->defined()) check_same(input, *bias, "conv2d", "input", "bias");
+    return round_to(fastlayers::conv2d_forward(widen(input), widen(weight), widen(bias), stride, padding,
+                                   dilation, groups),
+                    input.scalar_type());
+  }
   const ConvShape s = check_conv(input, weight, stride, padding, dilation, groups, "conv2d");
   const bool has_bias = bias.has_value() && bias->defined();
   at::Tensor b;
@@ -813,6 +820,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> mask) {
   const char* op = "conv2d_backward";
+  if (is_reduced(grad_output) || is_reduced(input) || is_reduced(weight)) {
+    check_same(input, weight, op, "input", "weight");
+    check_same(input, grad_output, op, "input", "grad_output");
+    auto [gi, gw, gb] = fastlayers::conv2d_backward(widen(grad_output), widen(input), widen(weight), stride,
+                                        padding, dilation, groups, mask);
+    const at::ScalarType st = input.scalar_type();
+    return {round_to(gi, st), round_to(gw, st), round_to(gb, st)};
+  }
   const ConvShape s = check_conv(input, weight, stride, padding, dilation, groups, op);
   check_same(input, grad_output, op, "input", "grad_output");
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == s.N && grad_output.size(1) == s.K &&

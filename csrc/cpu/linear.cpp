@@ -37,6 +37,11 @@ cpu::GemmArgs<T> matmul_args(const at::Tensor& a, bool ta, const at::Tensor& b, 
 
 at::Tensor linear_forward(const at::Tensor& input, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
+  if (is_reduced(input) || is_reduced(weight) || is_reduced(bias)) {  // in float32 (common.h)
+    check_same(input, weight, "linear", "input", "weight");
+    if (bias.has_value() && bias->defined()) check_same(input, *bias, "linear", "input", "bias");
+    return round_to(fastlayers::linear_forward(widen(input), widen(weight), widen(bias)), input.scalar_type());
+  }
   check_linear(input, weight, "linear");
   const bool has_bias = bias.has_value() && bias->defined();
   at::Tensor b;
@@ -70,6 +75,13 @@ void sum_rows(const at::Tensor& x, at::Tensor& out) {  // out[j] = sum_i x[i, j]
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     std::array<bool, 3> mask) {
+  if (is_reduced(grad_output) || is_reduced(input) || is_reduced(weight)) {
+    check_same(input, weight, "linear_backward", "input", "weight");
+    check_same(input, grad_output, "linear_backward", "input", "grad_output");
+    auto [gi, gw, gb] = fastlayers::linear_backward(widen(grad_output), widen(input), widen(weight), mask);
+    const at::ScalarType st = input.scalar_type();
+    return {round_to(gi, st), round_to(gw, st), round_to(gb, st)};
+  }
   check_linear(input, weight, "linear_backward");
   check_same(input, grad_output, "linear_backward", "input", "grad_output");
   TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == input.size(0) &&

@@ -454,6 +454,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
                                                       at::IntArrayRef k, at::IntArrayRef s,
                                                       at::IntArrayRef p, at::IntArrayRef d,
                                                       bool ceil_mode) {
+  if (is_reduced(input_)) {  // in float32 (common.h); maxima are exact in any precision
+    auto [y, off] = fastlayers::max_pool2d_forward(widen(input_), k, s, p, d, ceil_mode);
+    return {round_to(y, input_.scalar_type()), off};
+  }
   const Geom g = forward_geom(input_, k, s, p, d, ceil_mode);
   const auto fmt = input_.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
@@ -489,6 +493,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
 // them and drop them.
 at::Tensor max_pool2d(const at::Tensor& input_, at::IntArrayRef k, at::IntArrayRef s,
                       at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
+  if (is_reduced(input_))
+    return round_to(fastlayers::max_pool2d(widen(input_), k, s, p, d, ceil_mode), input_.scalar_type());
   const Geom g = forward_geom(input_, k, s, p, d, ceil_mode);
   const bool fast = input_.scalar_type() == at::kFloat &&
                     cpu::active_isa() != cpu::Isa::Scalar &&
@@ -667,6 +673,10 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
                                at::IntArrayRef input_size, at::IntArrayRef k, at::IntArrayRef s,
                                at::IntArrayRef p, at::IntArrayRef d, bool channels_last) {
   const char* op = "max_pool2d_backward";
+  if (is_reduced(grad_output))
+    return round_to(fastlayers::max_pool2d_backward(widen(grad_output), offsets, input_size, k, s, p, d,
+                                        channels_last),
+                    grad_output.scalar_type());
   check_params(k, s, p, d, op);
   TORCH_CHECK(input_size.size() == 4, "fastlayers.", op, ": input_size must have 4 elements");
   check_float_dtype(grad_output, op, "grad_output");
