@@ -519,3 +519,30 @@ def test_mixed_devices_raise_like_torch(layer):
         with pytest.raises(theirs.type) as ours:
             call(FF, xdev, pdev)
         assert "device" in str(ours.value), str(ours.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_like_torch(dtype):
+    """Under torch.autocast('cuda'), Linear and Conv2d run our float16 / bfloat16
+    kernels (the layers cast as autocast does), BatchNorm and MaxPool take their input's
+    dtype: torch.nn's dtypes and numbers, float32 gradients for the parameters."""
+    import fastlayers.nn as fnn
+    torch.manual_seed(3)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(128, 10)).to(DEV)
+    ours = fastlayers.convert(ref)
+    x = torch.randn(4, 3, 8, 8, device=DEV)
+    outs = []
+    for m in (ref, ours):
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            y = m(x)
+        y.float().sum().backward()
+        outs.append((y, [p.grad.clone() for p in m.parameters()]))
+    (y_r, g_r), (y_o, g_o) = outs
+    assert y_o.dtype == y_r.dtype == dtype
+    close(y_o, y_r, dtype, "output", tol=4 * CUDA_TOL[dtype])
+    for i, (a, b) in enumerate(zip(g_o, g_r)):
+        assert a.dtype == b.dtype == torch.float32, i
+        close(a, b, dtype, f"grad {i}", tol=4 * CUDA_TOL[dtype])
