@@ -247,7 +247,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                          "batch_norm expects an (N, C, *) input")
     if _graph(input, weight, bias):
         return BatchNorm2dFunction.apply(input, weight, bias, running_mean, running_var,
-                                         bool(training), float(momentum), float(eps))
+                                         bool(training), float(momentum), float(eps))[0]
     if training:
         return _ops.batch_norm_train(input, weight, bias, running_mean, running_var,
                                      float(momentum), float(eps))[0]

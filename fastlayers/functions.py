@@ -20,6 +20,15 @@ def _create_graph():
     return torch.is_grad_enabled()
 
 
+def _channels_last(t):
+    """Whether t is (strictly) channels-last: the layout its gradient gets."""
+    try:
+        return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+                and not t.is_contiguous())
+    except RuntimeError:  # inside torch.func.vmap layouts cannot be queried: contiguous
+        return False
+
+
 def _grad_or_none(t, needed):
     return t if needed else None
 
@@ -27,14 +36,19 @@ def _grad_or_none(t, needed):
 class LinearFunction(torch.autograd.Function):
     """y = x @ W^T + b for 2-D x [M, K]."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, weight, bias):
-        out = ops.linear_forward(input, weight, bias)
+    def forward(input, weight, bias):
+        return ops.linear_forward(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _ = inputs
         need_x, need_w, _ = ctx.needs_input_grad[:3]
         # dX needs W, dW needs X; db needs neither.
         ctx.save_for_backward(input if need_w else None, weight if need_x else None)
         ctx.shapes = (input.shape, weight.shape)
-        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -59,15 +73,20 @@ class LinearFunction(torch.autograd.Function):
 class Conv2dFunction(torch.autograd.Function):
     """2-D convolution of a 4-D input with symmetric zero padding."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
-        out = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+    def forward(input, weight, bias, stride, padding, dilation, groups):
+        return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _, stride, padding, dilation, groups = inputs
         need_x, need_w, _ = ctx.needs_input_grad[:3]
         # dX needs W, dW needs X (a frozen layer keeps no activation).
         ctx.save_for_backward(input if need_w else None, weight if need_x else None)
         ctx.layouts = ((input.shape, input.stride()), (weight.shape, weight.stride()))
         ctx.conf = (stride, padding, dilation, groups)
-        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -101,14 +120,20 @@ class Conv2dGrad(torch.autograd.Function):
     derivative along dY is a forward convolution, the one along `other` the
     other gradient, so any order of derivative works."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_output, other, shape, stride, conf, which):
-        ctx.save_for_backward(grad_output, other)
-        ctx.conf, ctx.which = conf, which
+    def forward(grad_output, other, shape, stride, conf, which):
         standin = grad_output.new_empty_strided(shape, stride)  # shape and layout only
         x, w = (standin, other) if which == 0 else (other, standin)
         return ops.conv2d_backward(grad_output, x, w, *conf,
                                    [which == 0, which == 1, False])[which]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_output, other, _, _, conf, which = inputs
+        ctx.save_for_backward(grad_output, other)
+        ctx.conf, ctx.which = conf, which
 
     @staticmethod
     def backward(ctx, g):
@@ -127,11 +152,17 @@ class MaxPool2dGradInput(torch.autograd.Function):
     (double backward): its derivative takes the incoming gradient at each
     window's argmax (zero for a window with no element inside the input)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_output, offsets, size, k, s, p, d, channels_last):
+    def forward(grad_output, offsets, size, k, s, p, d, channels_last):
+        return ops.max_pool2d_backward(grad_output, offsets, size, k, s, p, d, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, offsets, size, k, s, p, d, _ = inputs
         ctx.save_for_backward(offsets)
         ctx.conf = (size, k, s, p, d)
-        return ops.max_pool2d_backward(grad_output, offsets, size, k, s, p, d, channels_last)
 
     @staticmethod
     def backward(ctx, g):
@@ -153,19 +184,23 @@ class MaxPool2dFunction(torch.autograd.Function):
     """Returns (output, offsets); backward needs only the compact offsets
     (uint8 window positions), not the input."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode):
-        out, offsets = ops.max_pool2d_forward(input, kernel_size, stride, padding, dilation,
-                                              ceil_mode)
+    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return ops.max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, kernel_size, stride, padding, dilation, _ = inputs
+        offsets = output[1]
         ctx.mark_non_differentiable(offsets)
         # No zero gradient for the offsets output (autograd would otherwise
         # allocate and fill one every backward; it is never read).
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(offsets)
         ctx.conf = (list(input.shape), kernel_size, stride, padding, dilation,
-                    input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)
-                    and not input.is_contiguous())
-        return out, offsets
+                    _channels_last(input))
 
     @staticmethod
     def backward(ctx, grad_output, _grad_offsets):
@@ -181,28 +216,36 @@ class MaxPool2dFunction(torch.autograd.Function):
 
 
 class BatchNorm2dFunction(torch.autograd.Function):
-    """Batch normalisation over dim 1 of an (N, C, *) input (BatchNorm1d/2d/3d shapes)."""
+    """Batch normalisation over dim 1 of an (N, C, *) input (BatchNorm1d/2d/3d shapes).
+    Returns (output, mean, invstd): the statistics backward uses (the batch's, or in eval
+    mode a copy of the running ones, in case the buffers change before backward); the
+    callers keep the output."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
         if training:
-            out, mean, invstd = ops.batch_norm_train(input, weight, bias, running_mean,
-                                                     running_var, momentum, eps)
-        else:
-            out = ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
-            mean = invstd = None
-            if any(ctx.needs_input_grad[:3]):
-                # Backward of eval mode is the affine map; keep a copy of the
-                # statistics used, in case the buffers change before backward.
-                mean = running_mean.detach().clone()
-                invstd = torch.rsqrt(running_var.detach() + eps)
+            return ops.batch_norm_train(input, weight, bias, running_mean, running_var,
+                                        momentum, eps)
+        out = ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+        # Backward of eval mode is the affine map (C values each: cheap to keep).
+        return out, running_mean.detach().clone(), torch.rsqrt(running_var.detach() + eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _, _, _, training, _, eps = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
         ctx.training = training
         ctx.eps = eps
         ctx.save_for_backward(input, weight, mean, invstd)
-        return out
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        if grad_output is None:  # output unused: no gradient flows
+            return None, None, None, None, None, None, None, None
         input, weight, mean, invstd = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
         if _create_graph():
