@@ -13,6 +13,7 @@ import torch.nn.functional as _F
 from torch import Tensor
 
 from .functions import BatchNorm2dFunction, Conv2dFunction, LinearFunction, MaxPool2dFunction
+from .functions import apply as _apply
 
 __all__ = ["linear", "conv2d", "max_pool2d", "max_pool2d_with_indices", "batch_norm"]
 
@@ -101,7 +102,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
         m *= d
     x2 = input.reshape(m, k) if input.dim() != 2 else input
     if _graph(x2, weight, bias):
-        out = LinearFunction.apply(x2, weight, bias)
+        out = _apply(LinearFunction, x2, weight, bias)
     else:
         out = _ops.linear_forward(x2, weight, bias)
     return out.reshape(*lead, weight.shape[0]) if input.dim() != 2 else out
@@ -150,7 +151,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     else:
         padding = _int_tuple("padding", padding)
     if _graph(input, weight, bias):
-        out = Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, int(groups))
+        out = _apply(Conv2dFunction, input, weight, bias, stride, padding, dilation, int(groups))
     else:
         out = _ops.conv2d_forward(input, weight, bias, stride, padding, dilation, int(groups))
     return out.squeeze(0) if unbatched else out
@@ -171,7 +172,7 @@ def _max_pool2d_impl(input, kernel_size, stride, padding, dilation, ceil_mode,
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     if _graph(x):
-        out, offsets = MaxPool2dFunction.apply(x, kernel_size, stride, padding, dilation,
+        out, offsets = _apply(MaxPool2dFunction, x, kernel_size, stride, padding, dilation,
                                                bool(ceil_mode))
     elif not need_offsets:  # inference: the value-only op
         out = _ops.max_pool2d(x, kernel_size, stride, padding, dilation, bool(ceil_mode))
@@ -246,7 +247,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1): "
                          "batch_norm expects an (N, C, *) input")
     if _graph(input, weight, bias):
-        return BatchNorm2dFunction.apply(input, weight, bias, running_mean, running_var,
+        return _apply(BatchNorm2dFunction, input, weight, bias, running_mean, running_var,
                                          bool(training), float(momentum), float(eps))[0]
     if training:
         return _ops.batch_norm_train(input, weight, bias, running_mean, running_var,

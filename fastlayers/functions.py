@@ -33,6 +33,30 @@ def _grad_or_none(t, needed):
     return t if needed else None
 
 
+def _eager_twin(cls):
+    """Gives cls (the setup_context form torch.func needs) a twin in the ctx-forward form,
+    cls.eager, with the same forward, setup_context and backward. torch's Function.apply
+    binds a setup_context Function's arguments by inspect.signature on every call (40-80 us
+    measured here, as much as a small layer's kernels); the twin's apply does not."""
+    def forward(ctx, *args):
+        out = cls.forward(*args)
+        cls.setup_context(ctx, args, out)
+        return out
+    cls.eager = type(cls.__name__ + "Eager", (torch.autograd.Function,),
+                     {"forward": staticmethod(forward), "backward": staticmethod(cls.backward),
+                      "__doc__": f"{cls.__name__} in the ctx-forward form (see _eager_twin)."})
+    return cls
+
+
+def apply(fn, *args):
+    """fn.apply(*args) for our Functions: the eager twin unless torch.func transforms or
+    torch.compile (which traces either form) are at work."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return fn.eager.apply(*args)
+
+
+@_eager_twin
 class LinearFunction(torch.autograd.Function):
     """y = x @ W^T + b for 2-D x [M, K]."""
 
@@ -55,8 +79,8 @@ class LinearFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
         if _create_graph():  # dX = dY W, dW = dY^T X, db = sum dY, all differentiable
-            gi = LinearFunction.apply(grad_output, weight.t(), None) if mask[0] else None
-            gw = LinearFunction.apply(grad_output.t(), input.t(), None) if mask[1] else None
+            gi = apply(LinearFunction, grad_output, weight.t(), None) if mask[0] else None
+            gw = apply(LinearFunction, grad_output.t(), input.t(), None) if mask[1] else None
             gb = grad_output.sum(0) if mask[2] else None
             return gi, gw, gb
         x_shape, w_shape = ctx.shapes
@@ -70,6 +94,7 @@ class LinearFunction(torch.autograd.Function):
         return _grad_or_none(gi, mask[0]), _grad_or_none(gw, mask[1]), _grad_or_none(gb, mask[2])
 
 
+@_eager_twin
 class Conv2dFunction(torch.autograd.Function):
     """2-D convolution of a 4-D input with symmetric zero padding."""
 
@@ -94,9 +119,9 @@ class Conv2dFunction(torch.autograd.Function):
         mask = list(ctx.needs_input_grad[:3])
         if _create_graph():
             (x_shape, x_stride), (w_shape, w_stride) = ctx.layouts
-            gi = (Conv2dGrad.apply(grad_output, weight, x_shape, x_stride, ctx.conf, 0)
+            gi = (apply(Conv2dGrad, grad_output, weight, x_shape, x_stride, ctx.conf, 0)
                   if mask[0] else None)
-            gw = (Conv2dGrad.apply(grad_output, input, w_shape, w_stride, ctx.conf, 1)
+            gw = (apply(Conv2dGrad, grad_output, input, w_shape, w_stride, ctx.conf, 1)
                   if mask[1] else None)
             gb = grad_output.sum((0, 2, 3)) if mask[2] else None
             return gi, gw, gb, None, None, None, None
@@ -113,6 +138,7 @@ class Conv2dFunction(torch.autograd.Function):
                 _grad_or_none(gb, mask[2]), None, None, None, None)
 
 
+@_eager_twin
 class Conv2dGrad(torch.autograd.Function):
     """One gradient of a convolution as a differentiable function (double
     backward): which = 0 is grad_input dX(dY, W) (other = W), which = 1 is
@@ -140,13 +166,14 @@ class Conv2dGrad(torch.autograd.Function):
         grad_output, other = ctx.saved_tensors
         need_dy, need_other = ctx.needs_input_grad[:2]
         x, w = (g, other) if ctx.which == 0 else (other, g)
-        gdy = Conv2dFunction.apply(x, w, None, *ctx.conf) if need_dy else None
+        gdy = apply(Conv2dFunction, x, w, None, *ctx.conf) if need_dy else None
         # d/d other: the other gradient, with g in place of what it differentiates by
-        gother = (Conv2dGrad.apply(grad_output, g, other.shape, other.stride(), ctx.conf,
+        gother = (apply(Conv2dGrad, grad_output, g, other.shape, other.stride(), ctx.conf,
                                    1 - ctx.which) if need_other else None)
         return gdy, gother, None, None, None, None
 
 
+@_eager_twin
 class MaxPool2dGradInput(torch.autograd.Function):
     """MaxPool2d's grad_input as a differentiable function of grad_output
     (double backward): its derivative takes the incoming gradient at each
@@ -180,6 +207,7 @@ class MaxPool2dGradInput(torch.autograd.Function):
         return ggo, None, None, None, None, None, None, None
 
 
+@_eager_twin
 class MaxPool2dFunction(torch.autograd.Function):
     """Returns (output, offsets); backward needs only the compact offsets
     (uint8 window positions), not the input."""
@@ -209,12 +237,13 @@ class MaxPool2dFunction(torch.autograd.Function):
         (offsets,) = ctx.saved_tensors
         size, k, s, p, d, channels_last = ctx.conf
         if _create_graph():
-            gi = MaxPool2dGradInput.apply(grad_output, offsets, size, k, s, p, d, channels_last)
+            gi = apply(MaxPool2dGradInput, grad_output, offsets, size, k, s, p, d, channels_last)
             return gi, None, None, None, None, None
         gi = ops.max_pool2d_backward(grad_output, offsets, size, k, s, p, d, channels_last)
         return gi, None, None, None, None, None
 
 
+@_eager_twin
 class BatchNorm2dFunction(torch.autograd.Function):
     """Batch normalisation over dim 1 of an (N, C, *) input (BatchNorm1d/2d/3d shapes).
     Returns (output, mean, invstd): the statistics backward uses (the batch's, or in eval
