@@ -91,3 +91,15 @@ def test_func_grad_input_of_pool_and_bn(layer):
         f_ours = lambda t: FL.batch_norm(t, None, None, w, None, training=True).square().sum()  # noqa: E731
         f_ref = lambda t: torch.nn.functional.batch_norm(t, None, None, w, None, training=True).square().sum()  # noqa: E731
     assert_close(grad(f_ours)(x), grad(f_ref)(x), atol=1e-10, rtol=1e-10)
+
+
+def test_layers_take_the_eager_twin_outside_transforms():
+    """Outside torch.func the layers record the ctx-forward twin of each Function (torch
+    binds a setup_context Function's arguments by signature on every call); inside a
+    transform, the setup_context form itself."""
+    import fastlayers.nn as fnn
+    lin, x = fnn.Linear(2, 3), torch.randn(1, 2)
+    assert type(lin(x).grad_fn).__name__ == "LinearFunctionEagerBackward"
+    seen = []
+    grad(lambda t: seen.append(type(lin(t).grad_fn).__name__) or lin(t).sum())(x)
+    assert seen[0].startswith("LinearFunction") and "Eager" not in seen[0], seen
